@@ -1,0 +1,1 @@
+"""swarmoe: a Kimi K2.5-style MoE runtime and agent swarm."""

@@ -1,0 +1,3 @@
+from swarmoe.cli import main
+
+main()
