@@ -101,7 +101,9 @@ def test_specials_only_when_allowed(tok: Tokenizer) -> None:
 def test_skip_special_tokens_keeps_parser_markers(tok: Tokenizer) -> None:
     text = "<think>r</think>a<|tool_calls_section_begin|><|im_end|>"
     ids = tok.encode(text, allowed_special="all")
-    assert tok.decode(ids, skip_special_tokens=True) == "<think>r</think>a<|tool_calls_section_begin|>"
+    assert (
+        tok.decode(ids, skip_special_tokens=True) == "<think>r</think>a<|tool_calls_section_begin|>"
+    )
 
 
 def test_decode_rejects_out_of_range(tok: Tokenizer) -> None:
@@ -264,9 +266,9 @@ def _stream(tok: Tokenizer, ids: list[int], sizes: list[int]) -> list[str]:
 def test_detokenizer_never_splits_a_character(tok: Tokenizer, text: str) -> None:
     ids = tok.encode(text)
     # A token ending mid-character exists here, so holding back is exercised.
-    assert any(
-        not _is_utf8(tok.decode_bytes(ids[:k])) for k in range(1, len(ids))
-    ), "sample never splits a character"
+    assert any(not _is_utf8(tok.decode_bytes(ids[:k])) for k in range(1, len(ids))), (
+        "sample never splits a character"
+    )
     pieces = _stream(tok, ids, [1] * len(ids))
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)

@@ -190,7 +190,9 @@ def write_tiny_tokenizer(directory: str | Path, num_merges: int = DEFAULT_NUM_ME
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     vocab = _learned_vocab(num_merges)
-    lines = [f"{base64.b64encode(token).decode('ascii')} {rank}" for rank, token in enumerate(vocab)]
+    lines = [
+        f"{base64.b64encode(token).decode('ascii')} {rank}" for rank, token in enumerate(vocab)
+    ]
     (root / "tiktoken.model").write_text("\n".join(lines) + "\n", encoding="ascii")
     config = tiny_tokenizer_config(len(vocab))
     (root / "tokenizer_config.json").write_text(

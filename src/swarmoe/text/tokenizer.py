@@ -275,7 +275,9 @@ class Tokenizer:
     def _check_ids(self, ids: Sequence[int]) -> None:
         for i in ids:
             if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+                raise ValueError(
+                    f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})"
+                )
 
     def token_bytes(self, token_id: int) -> bytes:
         """Raw bytes of one token (a special token's bytes are its UTF-8 name)."""
@@ -350,7 +352,9 @@ def specials_from_config(
         try:
             token_id = int(key)
         except ValueError:
-            raise TokenizerError(f"{source}: added_tokens_decoder key {key!r} is not an id") from None
+            raise TokenizerError(
+                f"{source}: added_tokens_decoder key {key!r} is not an id"
+            ) from None
         content = _token_content(entry)
         if content is None:
             raise TokenizerError(f"{source}: added token {key} has no string 'content'")
