@@ -99,9 +99,9 @@ class Fp8Experts(nn.Module):
         blocks = lambda n: -(-n // FP8_BLOCK)  # noqa: E731
         self.register_buffer("gate_up_fp8", torch.zeros(e, 2 * inter, hidden, dtype=torch.float8_e4m3fn))
         # gate and up keep their own block grids, so their scales are stacked, not merged.
-        self.register_buffer("gate_up_scale_inv", torch.ones(e, 2, blocks(inter), blocks(hidden)))
+        self.register_buffer("gate_up_scale_inv", torch.ones(e, 2, blocks(inter), blocks(hidden), dtype=torch.float32))
         self.register_buffer("down_fp8", torch.zeros(e, hidden, inter, dtype=torch.float8_e4m3fn))
-        self.register_buffer("down_scale_inv", torch.ones(e, blocks(hidden), blocks(inter)))
+        self.register_buffer("down_scale_inv", torch.ones(e, blocks(hidden), blocks(inter), dtype=torch.float32))
 
     def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = self.gate_up_fp8[e].chunk(2, dim=0)
