@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import hf_text_model
 
+from reference import hf_text_model
 from swarmoe.model import load_model
 from swarmoe.testing import make_tiny_checkpoint
 

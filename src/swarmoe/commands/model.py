@@ -1,0 +1,67 @@
+"""`swarmoe init-tiny` and `swarmoe inspect`: make a small checkpoint, look at its routing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def init_tiny(
+    directory: Annotated[Path, typer.Argument(help="where to write the checkpoint")],
+    int4: Annotated[bool, typer.Option("--int4", help="INT4 pack-quantized experts")] = False,
+    fp8: Annotated[bool, typer.Option("--fp8", help="block-FP8 experts")] = False,
+    multimodal: Annotated[bool, typer.Option("--multimodal", help="K2.5 with a vision tower")] = False,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Write a small random checkpoint in the release layout, with tokenizer files."""
+    from swarmoe.testing import make_tiny_checkpoint
+
+    if int4 and fp8:
+        raise typer.BadParameter("choose --int4 or --fp8, not both")
+    path = make_tiny_checkpoint(directory, int4=int4, fp8=fp8, multimodal=multimodal, seed=seed)
+    kind = "K2.5 (text + vision)" if multimodal else "K2 (text)"
+    experts = "INT4" if int4 else "FP8" if fp8 else "bf16"
+    typer.echo(f"wrote a random {kind} checkpoint with {experts} experts to {path}")
+
+
+def inspect(
+    model: Annotated[Path, typer.Option("--model", help="checkpoint directory")],
+    prompt: Annotated[str, typer.Option(help="text to route")] = "The swarm splits the work.",
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
+) -> None:
+    """Print the model's shape and per-layer routing statistics for a prompt."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from swarmoe.config import load_config
+    from swarmoe.model import RoutingStats, load_model
+    from swarmoe.text import Tokenizer
+
+    console = Console()
+    cfg = load_config(model)
+    net = load_model(model, dtype=dtype)
+    tokenizer = Tokenizer.from_pretrained(model)
+    ids = tokenizer.encode(prompt)
+    params = sum(t.numel() for t in net.state_dict().values())
+    text = cfg.text
+    console.print(
+        f"[bold]{cfg.model_type}[/] · {text.num_hidden_layers} layers · hidden {text.hidden_size} · "
+        f"{text.n_routed_experts} experts, top-{text.num_experts_per_tok} · "
+        f"{'vision tower · ' if cfg.is_multimodal else ''}{params:,} stored values"
+    )
+    with torch.no_grad(), RoutingStats.attach(net) as stats:
+        net(torch.tensor([ids]))
+    table = Table(title=f"Routing of {len(ids)} prompt tokens")
+    for column in ("layer", "tokens", "experts_touched", "max_load", "mean_load", "cv"):
+        table.add_column(column, justify="right")
+    for row in stats.rows():
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init-tiny")(init_tiny)
+    app.command("inspect")(inspect)
