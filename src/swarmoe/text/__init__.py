@@ -8,14 +8,28 @@ from swarmoe.text.chat import (
     render_chat,
 )
 from swarmoe.text.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
+from swarmoe.text.tool_parser import (
+    ParsedMessage,
+    StreamDelta,
+    StreamingParser,
+    ToolCall,
+    ToolCallDelta,
+    parse_assistant,
+)
 
 __all__ = [
     "ChatTemplate",
     "ChatTemplateError",
     "IncrementalDetokenizer",
+    "ParsedMessage",
+    "StreamDelta",
+    "StreamingParser",
     "Tokenizer",
     "TokenizerError",
+    "ToolCall",
+    "ToolCallDelta",
     "encode_chat",
     "expand_media_pads",
+    "parse_assistant",
     "render_chat",
 ]
