@@ -242,6 +242,12 @@ def test_bad_input(models, n_patches, grid, message):
         tower(torch.randn(n_patches, 3, PATCH, PATCH), torch.tensor(grid))
 
 
+def test_bad_grid_shape(models):
+    _, _, tower, _ = models
+    with pytest.raises(ValueError, match="grid_thw"):
+        tower(torch.randn(16, 3, PATCH, PATCH), torch.tensor([1, 4, 4]))
+
+
 # ---- media.py -----------------------------------------------------------------------------
 
 

@@ -60,9 +60,10 @@ def _grid_list(
     grid_thw: torch.Tensor | Sequence[Sequence[int]], kernel: tuple[int, int]
 ) -> list[tuple[int, int, int]]:
     """grid_thw as Python ints (one host sync), checked once for the whole forward."""
-    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else [list(r) for r in grid_thw]
-    if not rows or any(len(r) != 3 for r in rows):
-        raise ValueError(f"grid_thw must have shape [items, 3], got {rows!r}")
+    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else list(grid_thw)
+    if not rows or not all(isinstance(r, Sequence) and len(r) == 3 for r in rows):
+        shape = tuple(grid_thw.shape) if isinstance(grid_thw, torch.Tensor) else len(rows)
+        raise ValueError(f"grid_thw must be [items, 3] (t, h, w) rows, got {shape}")
     kh, kw = kernel
     grid = []
     for i, (t, h, w) in enumerate(rows):
@@ -315,7 +316,7 @@ class VisionTower(nn.Module):
         lengths = [t * h * w for t, h, w in grid]
         p = cfg.patch_size
         patch_numel = 3 * p * p
-        if pixel_values.shape[0] != sum(lengths) or pixel_values[0].numel() != patch_numel:
+        if pixel_values.shape[0] != sum(lengths) or pixel_values.shape[1:].numel() != patch_numel:
             raise ValueError(
                 f"pixel_values {tuple(pixel_values.shape)} does not hold the {sum(lengths)} patches "
                 f"of 3x{p}x{p} that grid_thw describes"
@@ -350,9 +351,9 @@ class Projector(nn.Module):
         merged = vision_cfg.hidden_size * kh * kw
         self.pre_norm = nn.LayerNorm(vision_cfg.hidden_size, eps=vision_cfg.projector_ln_eps)
         act = vision_cfg.projector_hidden_act
-        approximate = "none" if act == "gelu" else "tanh"
         if act not in ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_tanh"):
             raise ValueError(f"unsupported projector activation {act!r}")
+        approximate = "none" if act == "gelu" else "tanh"
         self.proj = nn.Sequential(
             nn.Linear(merged, merged),
             nn.GELU(approximate=approximate),
