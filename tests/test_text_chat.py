@@ -65,12 +65,23 @@ def test_no_generation_prompt() -> None:
     assert out.endswith("<|im_user|>user<|im_middle|>Hi<|im_end|>")
 
 
-def test_tool_declaration_comes_first_compact_and_sorted() -> None:
+def test_tool_declaration_comes_first_typescript_by_default() -> None:
     out = render_chat([{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL])
+    decl = (
+        "# Tools\n\n## functions\nnamespace functions {\n// Get weather information\n"
+        "type get_weather = (_: {\n  // City name\n  city: string\n}) => any;\n}\n"
+    )
+    assert out.startswith("<|im_system|>tool_declare<|im_middle|>" + decl + "<|im_end|>" + SYS)
+
+
+def test_tool_declaration_json_fallback_is_compact_and_sorted() -> None:
+    out = render_chat([{"role": "user", "content": "x"}], tools=[WEATHER_TOOL], tools_ts_str="")
     decl = json.dumps([WEATHER_TOOL], separators=(",", ":"), sort_keys=True, ensure_ascii=False)
     assert out.startswith("<|im_system|>tool_declare<|im_middle|>" + decl + "<|im_end|>" + SYS)
-    ts = render_chat([{"role": "user", "content": "x"}], tools=[WEATHER_TOOL], tools_ts_str="TS")
-    assert ts.startswith("<|im_system|>tool_declare<|im_middle|>TS<|im_end|>")
+    odd = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+           "properties": {"a": {"$ref": "#/nowhere"}}}}}  # fmt: skip
+    out = render_chat([{"role": "user", "content": "x"}], tools=[odd])
+    assert out.startswith('<|im_system|>tool_declare<|im_middle|>[{"function":')
 
 
 def test_tool_round_trip_matches_published_layout() -> None:

@@ -8,6 +8,7 @@ from swarmoe.text.chat import (
     render_chat,
 )
 from swarmoe.text.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
+from swarmoe.text.tool_declaration import tools_to_typescript
 from swarmoe.text.tool_parser import (
     ParsedMessage,
     StreamDelta,
@@ -32,4 +33,5 @@ __all__ = [
     "expand_media_pads",
     "parse_assistant",
     "render_chat",
+    "tools_to_typescript",
 ]

@@ -9,6 +9,7 @@ model's vision tokens are spliced in by `expand_media_pads` once their counts ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from swarmoe.text.tool_declaration import tools_to_typescript
 
 if TYPE_CHECKING:
     from swarmoe.text.tokenizer import Tokenizer
@@ -247,18 +250,25 @@ class ChatTemplate:
     ) -> str:
         """Prompt text for `messages` (OpenAI chat format).
 
-        Extra keyword arguments are template variables (`thinking=False`, `tools_ts_str=...`),
-        i.e. `chat_template_kwargs`. Video parts may carry `timestamps` (one per chunk).
+        Extra keyword arguments are template variables (`thinking=False`, ...), i.e.
+        `chat_template_kwargs`. Tools are declared in TypeScript style (`tools_ts_str`) as the
+        release tokenizer does, unless the schema is beyond it or `tools_ts_str` is passed
+        (`""` forces the JSON declaration). Video parts may carry `timestamps` (one per chunk).
         """
         plain_messages = [_plain(m) for m in messages]
         for i, msg in enumerate(plain_messages):
             if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
                 raise ChatTemplateError(f"message {i} needs a string 'role'")
+        sorted_tools = _sorted_deep(_plain(list(tools))) if tools else None
         context: dict[str, Any] = {
             "messages": plain_messages,
-            "tools": _sorted_deep(_plain(list(tools))) if tools else None,
+            "tools": sorted_tools,
             "add_generation_prompt": add_generation_prompt,
         }
+        if sorted_tools:
+            # The release tokenizer declares tools in TypeScript style when it can.
+            with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+                context["tools_ts_str"] = tools_to_typescript(sorted_tools)
         if tokenizer is not None:
             context.update(
                 bos_token=tokenizer.bos_token or "",
