@@ -13,15 +13,13 @@ import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from swarmoe.text.tokenizer import Tokenizer, TokenizerError, chat_template_source
 from swarmoe.text.tool_declaration import tools_to_typescript
-
-if TYPE_CHECKING:
-    from swarmoe.text.tokenizer import Tokenizer
 
 DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 
@@ -173,22 +171,16 @@ def _sorted_deep(value: Any) -> Any:
     return value
 
 
-def format_timestamp(seconds: float) -> str:
-    """`hh:mm:ss.fff`, the timestamp written before each video chunk."""
-    millis = round(seconds * 1000)
-    hours, rest = divmod(millis, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs, millis = divmod(rest, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}.{millis:03d}"
-
-
 def video_prompt(timestamps: Sequence[str | float] | None) -> str:
     """Prompt text of one video: each chunk is its timestamp then one media placeholder.
 
-    Numbers are seconds; strings are used as written. `None` means one chunk, no timestamp.
+    Numbers are seconds into the video (as `MediaBatch.chunk_timestamps` holds them); strings
+    are used as written. `None` means one chunk without a timestamp.
     """
     if not timestamps:
         return VIDEO_CHUNK_PLACEHOLDER
+    from swarmoe.text.media import format_timestamp  # numpy/PIL only when video is rendered
+
     return "".join(
         (t if isinstance(t, str) else format_timestamp(t)) + VIDEO_CHUNK_PLACEHOLDER
         for t in timestamps
@@ -222,22 +214,10 @@ class ChatTemplate:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ChatTemplate:
         """The template a checkpoint ships (`chat_template.jinja` first), else the built-in one."""
-        root = Path(path)
-        jinja_file = root / "chat_template.jinja"
-        if jinja_file.is_file():
-            return cls(jinja_file.read_text(encoding="utf-8"))
-        config_file = root / "tokenizer_config.json"
-        if config_file.is_file():
-            from swarmoe.text.tokenizer import _template_from_config
-
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise ChatTemplateError(f"{config_file}: invalid JSON: {exc}") from None
-            source = _template_from_config(config)
-            if source is not None:
-                return cls(source)
-        return cls()
+        try:
+            return cls(chat_template_source(path))
+        except TokenizerError as exc:
+            raise ChatTemplateError(str(exc)) from None
 
     def render(
         self,

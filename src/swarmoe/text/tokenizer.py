@@ -199,12 +199,6 @@ class Tokenizer:
             except json.JSONDecodeError as exc:
                 raise TokenizerError(f"{config_path}: invalid JSON: {exc}") from None
         specials = specials_from_config(config, len(ranks), source=str(config_path))
-        template_path = root / "chat_template.jinja"
-        chat_template = (
-            template_path.read_text(encoding="utf-8")
-            if template_path.is_file()
-            else _template_from_config(config)
-        )
         return cls(
             ranks,
             specials,
@@ -213,7 +207,7 @@ class Tokenizer:
             eos_token=_token_content(config.get("eos_token", "[EOS]")),
             pad_token=_token_content(config.get("pad_token")),
             unk_token=_token_content(config.get("unk_token")),
-            chat_template=chat_template,
+            chat_template=chat_template_source(root),
             name=f"kimi:{root.name}",
         )
 
@@ -369,13 +363,21 @@ def specials_from_config(
     return [named.get(i) or SpecialToken(i, reserved_token_name(i)) for i in sorted(ids)]
 
 
-def _template_from_config(config: Mapping[str, Any]) -> str | None:
-    """`chat_template` in tokenizer_config.json: a string, or HF's list of named templates."""
-    value = config.get("chat_template")
-    if isinstance(value, str):
-        return value
+def chat_template_source(root: str | Path) -> str | None:
+    """The template a checkpoint ships: `chat_template.jinja`, else `chat_template` in
+    tokenizer_config.json (a string, or HF's list of named templates, `default` first)."""
+    root = Path(root)
+    jinja_file = root / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    config_file = root / "tokenizer_config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        value = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{config_file}: invalid JSON: {exc}") from None
     if isinstance(value, list):
         by_name = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
-        chosen = by_name.get("default") or next(iter(by_name.values()), None)
-        return chosen if isinstance(chosen, str) else None
-    return None
+        value = by_name.get("default") or next(iter(by_name.values()), None)
+    return value if isinstance(value, str) else None
