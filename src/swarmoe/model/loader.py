@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from swarmoe.config import ModelConfig, load_config
 from swarmoe.model.kimi import build_model
-from swarmoe.model.moe import MoE
+from swarmoe.model.moe import DenseExperts, MoE
 from swarmoe.model.quant import Fp8Experts, Int4Experts, dequant_fp8, dequant_int4
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -70,6 +70,10 @@ class Checkpoint:
 
     def names(self) -> set[str]:
         return set(self.files)
+
+    def close(self) -> None:
+        """Drop the memory maps, so that bytes read during loading leave the process."""
+        self._handles.clear()
 
     def get(self, name: str) -> torch.Tensor:
         file = self.files[name]
@@ -118,6 +122,7 @@ def load_model(
     ckpt = Checkpoint(path)
     model = instantiate(cfg, ckpt.names(), dtype, device)
     fill(model, cfg, ckpt)
+    ckpt.close()
     return model.eval()
 
 
@@ -131,8 +136,15 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-def instantiate(cfg: ModelConfig, names: set[str], dtype: torch.dtype, device: str | torch.device) -> nn.Module:
-    """The empty network, with each MoE layer's experts in the checkpoint's format."""
+def instantiate(
+    cfg: ModelConfig,
+    names: set[str],
+    dtype: torch.dtype,
+    device: str | torch.device,
+    make_experts: Callable[[str], nn.Module] | None = None,
+) -> nn.Module:
+    """The empty network, with each MoE layer's experts in the checkpoint's format, or built by
+    `make_experts(prefix)` (an engine's offloaded experts, which load themselves)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -140,6 +152,9 @@ def instantiate(cfg: ModelConfig, names: set[str], dtype: torch.dtype, device: s
             model = build_model(cfg)
             for moe in (m for m in model.modules() if isinstance(m, MoE)):
                 prefix = _module_names(model)[moe] + ".experts"
+                if make_experts is not None:
+                    moe.experts = make_experts(prefix)
+                    continue
                 kind = expert_format(names, prefix)
                 args = (cfg.text.n_routed_experts, cfg.text.hidden_size, cfg.text.moe_intermediate_size)
                 if kind == "int4":
@@ -173,6 +188,8 @@ def _expected_tensors(model: nn.Module, cfg: ModelConfig, names: set[str]) -> di
         prefix = modules[moe] + ".experts"
         ex = moe.experts
         expert_keys |= {f"{prefix}.{k}" for k, _ in ex.state_dict().items()}
+        if not isinstance(ex, DenseExperts | Int4Experts | Fp8Experts):
+            continue  # loads itself
         for e in range(ex.num_experts):
             for proj, rows, cols in (("gate", inter, hidden), ("up", inter, hidden), ("down", hidden, inter)):
                 base = f"{prefix}.{e}.{proj}_proj."
@@ -217,6 +234,10 @@ def fill(model: nn.Module, cfg: ModelConfig, ckpt: Checkpoint) -> None:
             if name.endswith("." + suffix) and base in targets and not _EXPERT.match(name):
                 quantised.setdefault(base, set()).add(suffix)
     parts = {base[: -len("weight")] + s for base, suffixes in quantised.items() for s in suffixes}
+    for module in model.modules():
+        own = getattr(module, "checkpoint_names", None)  # modules that load themselves
+        if own is not None:
+            parts |= own()
     unexpected = sorted(
         n for n in names if n not in targets and n not in parts and not _ignorable(n, cfg)
     )

@@ -1,0 +1,187 @@
+"""Paged cache of MLA latents, with prefix sharing by chained block hashes.
+
+Per token and layer the cache holds only what MLA needs: the normalised `kv_lora_rank` latent
+and the roped `qk_rope_head_dim` key (576 values at K2.5 size, ~70 KB/token over 61 layers in
+bf16), never per-head keys and values. Full blocks are identified by a hash chained over every
+token before them, so two requests with a common prefix share its blocks; `fork` shares all full
+blocks of a sequence and copies its partial last block (copy on write).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from swarmoe.engine.sequence import Sequence
+
+
+class LatentCache:
+    """Storage: [layers, blocks, block_size, kv_lora + rope]."""
+
+    def __init__(
+        self, num_layers: int, num_blocks: int, block_size: int, width: int,
+        dtype: torch.dtype, device: torch.device | str,
+    ) -> None:
+        self.block_size = block_size
+        self.data = torch.zeros(num_layers, num_blocks, block_size, width, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, width: int, dtype: torch.dtype) -> int:
+        return num_layers * width * torch.tensor([], dtype=dtype).element_size()
+
+    def layer(self, index: int) -> torch.Tensor:
+        """One layer's cache as [blocks * block_size, width] slots."""
+        return self.data[index].view(-1, self.data.shape[-1])
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.data[:, dst] = self.data[:, src]
+
+
+def slot_indices(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
+    """Flat cache slots of token positions [start, end) of a sequence."""
+    pos = torch.arange(start, end)
+    blocks = torch.tensor(block_table, dtype=torch.long)[pos // block_size]
+    return blocks * block_size + pos % block_size
+
+
+def chain_hash(previous: bytes, tokens: list[int]) -> bytes:
+    h = hashlib.blake2b(previous, digest_size=16)
+    h.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
+    return h.digest()
+
+
+@dataclass
+class Block:
+    id: int
+    ref_count: int = 0
+    hash: bytes | None = None
+    tokens: tuple[int, ...] = ()
+
+
+class BlockManager:
+    """Which cache blocks are free, shared or owned; prefix lookup by chained hash."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: deque[int] = deque(range(num_blocks))
+        self.by_hash: dict[bytes, int] = {}
+        self.prefix_caching = prefix_caching
+        self.hits = 0
+        self.lookups = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self.blocks) - len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return self.blocks_needed(seq.num_tokens) <= self.num_free + self._hit_count(seq)
+
+    def _full_blocks(self, seq: Sequence) -> list[tuple[bytes, tuple[int, ...]]]:
+        """Hashes of the sequence's full blocks that may come from the cache: the last token
+        is always computed, since its logits are needed."""
+        ids = seq.token_ids
+        out, previous = [], b""
+        for start in range(0, len(ids) - 1 - self.block_size + 1, self.block_size):
+            tokens = tuple(ids[start : start + self.block_size])
+            previous = chain_hash(previous, list(tokens))
+            out.append((previous, tokens))
+        return out
+
+    def _hit_count(self, seq: Sequence) -> int:
+        """Blocks that would be reused from the free list (they don't cost a free block twice)."""
+        if not (self.prefix_caching and seq.cacheable):
+            return 0
+        n = 0
+        for h, tokens in self._full_blocks(seq):
+            bid = self.by_hash.get(h)
+            if bid is None or self.blocks[bid].tokens != tokens:
+                break
+            n += self.blocks[bid].ref_count == 0
+        return n
+
+    def allocate(self, seq: Sequence) -> None:
+        """Blocks for all of `seq`'s current tokens, reusing cached prefix blocks."""
+        assert not seq.block_table
+        cached = 0
+        if self.prefix_caching and seq.cacheable:
+            for h, tokens in self._full_blocks(seq):
+                self.lookups += 1
+                bid = self.by_hash.get(h)
+                if bid is None or self.blocks[bid].tokens != tokens:
+                    break
+                self.hits += 1
+                block = self.blocks[bid]
+                if block.ref_count == 0:
+                    self.free.remove(bid)
+                block.ref_count += 1
+                seq.block_table.append(bid)
+                cached += self.block_size
+        seq.num_cached = seq.num_computed = cached
+        while len(seq.block_table) < self.blocks_needed(seq.num_tokens):
+            seq.block_table.append(self._take_fresh().id)
+
+    def _take_fresh(self) -> Block:
+        block = self.blocks[self.free.popleft()]
+        if block.hash is not None and self.by_hash.get(block.hash) == block.id:
+            del self.by_hash[block.hash]
+        block.hash, block.tokens, block.ref_count = None, (), 1
+        return block
+
+    def ensure(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow `seq`'s block table to hold `num_tokens`; False when the cache is full."""
+        need = self.blocks_needed(num_tokens) - len(seq.block_table)
+        if need > self.num_free:
+            return False
+        for _ in range(need):
+            seq.block_table.append(self._take_fresh().id)
+        return True
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Publish the hashes of blocks whose latents are now computed, for later requests."""
+        if not (self.prefix_caching and seq.cacheable):
+            return
+        ids = seq.token_ids
+        previous = b""
+        for i in range(seq.num_computed // self.block_size):
+            tokens = tuple(ids[i * self.block_size : (i + 1) * self.block_size])
+            previous = chain_hash(previous, list(tokens))
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None:
+                block.hash, block.tokens = previous, tokens
+                self.by_hash.setdefault(previous, block.id)
+
+    def free_sequence(self, seq: Sequence) -> None:
+        for bid in reversed(seq.block_table):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                # Stays findable by hash until the block is handed out again.
+                self.free.append(bid)
+        seq.block_table = []
+        seq.num_computed = 0
+
+    def fork(self, parent: Sequence, child: Sequence, cache: LatentCache) -> bool:
+        """Give `child` the parent's cache: full blocks shared, the partial block copied."""
+        full, partial = divmod(parent.num_computed, self.block_size)
+        if partial and not self.num_free:
+            return False
+        child.block_table = parent.block_table[:full]
+        for bid in child.block_table:
+            self.blocks[bid].ref_count += 1
+        if partial:
+            block = self._take_fresh()
+            cache.copy_block(parent.block_table[full], block.id)
+            child.block_table.append(block.id)
+        child.num_computed = parent.num_computed
+        return True
