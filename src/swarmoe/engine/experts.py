@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from swarmoe.config import load_config
-from swarmoe.model.loader import Checkpoint, CheckpointError, _as_dtype, expert_format, fill, instantiate
+from swarmoe.model.loader import (
+    Checkpoint,
+    CheckpointError,
+    as_dtype,
+    expert_format,
+    fill,
+    instantiate,
+)
 from swarmoe.model.quant import dequant_fp8, dequant_int4
 
 _DTYPES = {
@@ -176,7 +183,7 @@ def load_model_with_expert_budget(
         return OffloadedExperts(reader, prefix, kind, text.n_routed_experts, text.hidden_size,
                                 text.moe_intermediate_size, cache, torch.device(device))
 
-    model = instantiate(cfg, names, _as_dtype(dtype), device, make_experts=make)
+    model = instantiate(cfg, names, as_dtype(dtype), device, make_experts=make)
     if smallest and cache.budget < max(smallest):
         raise ValueError(
             f"expert_memory_gb={expert_memory_gb} is below the size of one expert "

@@ -117,7 +117,7 @@ def load_model(
     device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Build the network a checkpoint describes and fill it; returns it in eval mode."""
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
     cfg = load_config(path)
     ckpt = Checkpoint(path)
     model = instantiate(cfg, ckpt.names(), dtype, device)
@@ -126,7 +126,7 @@ def load_model(
     return model.eval()
 
 
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, str):
         named = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
