@@ -49,6 +49,7 @@ _MARKERS = (
 _MARKER_RE = re.compile("|".join(re.escape(m) for m in _MARKERS))
 _MAX_MARKER = max(map(len, _MARKERS))
 _CALL_INDEX_RE = re.compile(r"^(.*?):\d+$", re.DOTALL)
+_LEADING_SPACE = re.compile(r"\s*")
 
 
 @dataclass(frozen=True)
@@ -301,10 +302,10 @@ class StreamingParser:
 
     # ----- the machine ----------------------------------------------------------------------
 
-    def _holdback(self, start: int) -> int:
+    def _holdback(self) -> int:
         """Index from which `buf` might be the start of a marker (len(buf) if nowhere)."""
         buf = self._buf
-        for i in range(max(start, len(buf) - _MAX_MARKER + 1), len(buf)):
+        for i in range(max(0, len(buf) - _MAX_MARKER + 1), len(buf)):
             if buf[i] == "<":
                 tail = buf[i:]
                 if any(m.startswith(tail) for m in _MARKERS):
@@ -319,7 +320,7 @@ class StreamingParser:
                 continue
             match = _MARKER_RE.search(self._buf)
             if match is None:
-                cut = len(self._buf) if final else self._holdback(0)
+                cut = len(self._buf) if final else self._holdback()
                 self._text(self._buf[:cut])
                 self._buf = self._buf[cut:]
                 return
@@ -329,9 +330,10 @@ class StreamingParser:
 
     def _decide(self, final: bool) -> bool:
         """UNDECIDED: pick reasoning or content once the text shows which; False to wait."""
-        head = self._buf.lstrip()
-        if head.startswith(THINK_OPEN):
-            self._buf = head[len(THINK_OPEN) :]
+        start = _LEADING_SPACE.match(self._buf).end()  # type: ignore[union-attr]
+        head = self._buf[start : start + len(THINK_OPEN)]
+        if head == THINK_OPEN:
+            self._buf = self._buf[start + len(THINK_OPEN) :]
             self._state = _State.REASONING
             return True
         if THINK_OPEN.startswith(head) and not final:
