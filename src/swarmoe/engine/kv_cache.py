@@ -85,7 +85,8 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, seq: Sequence) -> bool:
-        return self.blocks_needed(seq.num_tokens) <= self.num_free + self._hit_count(seq)
+        shared, from_free = self._hits(seq)
+        return self.blocks_needed(seq.num_tokens) - shared + from_free <= self.num_free
 
     def _full_blocks(self, seq: Sequence) -> list[tuple[bytes, tuple[int, ...]]]:
         """Hashes of the sequence's full blocks that may come from the cache: the last token
@@ -98,17 +99,18 @@ class BlockManager:
             out.append((previous, tokens))
         return out
 
-    def _hit_count(self, seq: Sequence) -> int:
-        """Blocks that would be reused from the free list (they don't cost a free block twice)."""
+    def _hits(self, seq: Sequence) -> tuple[int, int]:
+        """Prefix blocks `allocate` would reuse, and how many of those sit in the free list."""
         if not (self.prefix_caching and seq.cacheable):
-            return 0
-        n = 0
+            return 0, 0
+        shared = from_free = 0
         for h, tokens in self._full_blocks(seq):
             bid = self.by_hash.get(h)
             if bid is None or self.blocks[bid].tokens != tokens:
                 break
-            n += self.blocks[bid].ref_count == 0
-        return n
+            shared += 1
+            from_free += self.blocks[bid].ref_count == 0
+        return shared, from_free
 
     def allocate(self, seq: Sequence) -> None:
         """Blocks for all of `seq`'s current tokens, reusing cached prefix blocks."""
