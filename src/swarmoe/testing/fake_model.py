@@ -138,13 +138,18 @@ class FakeModel:
         ready = threading.Event()
 
         def main() -> None:
+            asyncio.set_event_loop(loop)
             server = loop.run_until_complete(
                 asyncio.start_server(self._connection, sock=sock, backlog=4096))
             ready.set()
             try:
                 loop.run_forever()
-            finally:
+            finally:  # end hung calls and open connections before the loop goes
                 server.close()
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
                 loop.close()
 
         thread = threading.Thread(target=main, name="fake-model", daemon=True)
