@@ -149,13 +149,18 @@ class BlockManager:
             seq.block_table.append(self._take_fresh().id)
         return True
 
-    def register_full_blocks(self, seq: Sequence) -> None:
-        """Publish the hashes of blocks whose latents are now computed, for later requests."""
+    def register_full_blocks(self, seq: Sequence, upto: int) -> None:
+        """Publish the hashes of the full blocks below token `upto`, for later requests.
+
+        The scheduler calls this for tokens it has just scheduled: within a step every layer
+        writes all new latents before any sequence attends, so a request admitted later in the
+        same step may already share them.
+        """
         if not (self.prefix_caching and seq.cacheable):
             return
         ids = seq.token_ids
         previous = b""
-        for i in range(seq.num_computed // self.block_size):
+        for i in range(upto // self.block_size):
             tokens = tuple(ids[i * self.block_size : (i + 1) * self.block_size])
             previous = chain_hash(previous, list(tokens))
             block = self.blocks[seq.block_table[i]]
@@ -164,12 +169,19 @@ class BlockManager:
                 self.by_hash.setdefault(previous, block.id)
 
     def free_sequence(self, seq: Sequence) -> None:
-        for bid in reversed(seq.block_table):
-            block = self.blocks[bid]
+        computed = seq.num_computed // self.block_size
+        for i in reversed(range(len(seq.block_table))):
+            block = self.blocks[seq.block_table[i]]
             block.ref_count -= 1
-            if block.ref_count == 0:
-                # Stays findable by hash until the block is handed out again.
-                self.free.append(bid)
+            if block.ref_count:
+                continue
+            if i >= computed and block.hash is not None:
+                # Published when scheduled, but preempted before it was computed.
+                if self.by_hash.get(block.hash) == block.id:
+                    del self.by_hash[block.hash]
+                block.hash, block.tokens = None, ()
+            # A computed block stays findable by hash until it is handed out again.
+            self.free.append(block.id)
         seq.block_table = []
         seq.num_computed = 0
 

@@ -199,7 +199,6 @@ class LLM:
         for row, w in zip(logits, work, strict=True):
             seq = w.seq
             seq.num_computed = w.end
-            self.blocks.register_full_blocks(seq)
             if seq.num_computed < seq.num_tokens:
                 continue  # a prefill chunk; more to come
             moved[seq.request_id] = None

@@ -50,7 +50,7 @@ class Scheduler:
                 self._preempt(victim)
                 work = [w for w in work if w.seq is not victim]
             else:
-                work.append(Work(seq, seq.num_computed, seq.num_computed + take))
+                work.append(self._work(seq, take))
                 budget -= take
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -61,9 +61,14 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             take = min(seq.num_tokens - seq.num_computed, budget)
-            work.append(Work(seq, seq.num_computed, seq.num_computed + take))
+            work.append(self._work(seq, take))
             budget -= take
         return work
+
+    def _work(self, seq: Sequence, take: int) -> Work:
+        end = seq.num_computed + take
+        self.blocks.register_full_blocks(seq, upto=end)
+        return Work(seq, seq.num_computed, end)
 
     def _victim(self, exclude: Sequence) -> Sequence | None:
         for seq in reversed(self.running):

@@ -1,0 +1,127 @@
+"""An async front for `LLM`: one engine thread steps the batch; asyncio callers feed it.
+
+The engine thread owns the `LLM` (nothing else touches it), so handlers never block on model
+work: they post commands and await per-request queues of outputs. A bad request fails its own
+caller with the engine's ValueError and leaves every other request running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from swarmoe.engine.llm import LLM, Prompt, RequestOutput
+from swarmoe.engine.sampling import SamplingParams
+
+_DONE = object()
+
+
+class AsyncEngine:
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="swarmoe-engine", daemon=True)
+        self._thread.start()
+
+    # -- engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            block = not self.llm.has_unfinished
+            try:
+                fn, future = self._commands.get(timeout=0.05 if block else 0)
+                self._call(fn, future)
+                while True:  # take every pending command before the next step
+                    fn, future = self._commands.get_nowait()
+                    self._call(fn, future)
+            except queue.Empty:
+                pass
+            if self.llm.has_unfinished:
+                try:
+                    outputs = self.llm.step()
+                except Exception as exc:  # a model failure ends every stream with an error
+                    self._fail_all(exc)
+                    continue
+                for out in outputs:
+                    self._publish(out)
+
+    @staticmethod
+    def _call(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
+        try:
+            future.set_result(fn())
+        except Exception as exc:
+            future.set_exception(exc)
+
+    def _publish(self, out: RequestOutput) -> None:
+        entry = self._streams.get(out.request_id)
+        if entry is None:
+            return
+        loop, q = entry
+        loop.call_soon_threadsafe(q.put_nowait, out)
+        if out.finished:
+            loop.call_soon_threadsafe(q.put_nowait, _DONE)
+            self._streams.pop(out.request_id, None)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for rid in list(self._streams):
+            loop, q = self._streams.pop(rid)
+            loop.call_soon_threadsafe(q.put_nowait, exc)
+            self.llm.abort(rid)
+
+    # -- callers ----------------------------------------------------------------------------
+
+    async def _submit(self, fn: Callable[[], Any]) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, future))
+        return await asyncio.wrap_future(future)
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as it progresses; the last one has `finished=True`.
+
+        Leaving the iteration early (a client went away) aborts the request and frees its cache.
+        """
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def add() -> str:
+            rid = self.llm.add_request(prompt, params, request_id)
+            self._streams[rid] = (loop, q)
+            return rid
+
+        rid = await self._submit(add)
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if item is _DONE:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise RuntimeError(f"engine failed while generating: {item}") from item
+                yield item
+        finally:
+            if not finished:
+                self._commands.put((lambda: self._abort(rid), concurrent.futures.Future()))
+
+    def _abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self.llm.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self._submit(lambda: self._abort(request_id))
+
+    async def stats(self) -> dict[str, float]:
+        return await self._submit(self.llm.stats)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
