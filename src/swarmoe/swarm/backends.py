@@ -131,10 +131,11 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
 class OpenAIBackend:
     """Any OpenAI-compatible chat-completions endpoint, via `openai.AsyncOpenAI`.
 
-    The connection pool is sized for the swarm's fan-out. Idle keep-alive connections are
-    not kept: a burst of 100 requests over 100 reused keep-alive connections measured several
-    times slower than fresh ones against a local uvicorn server (see docs/swarm.md), and a
-    swarm is bursty by nature. Set `keepalive` for remote endpoints where TLS setup dominates.
+    The connection pool is sized for the swarm's fan-out. By default no idle keep-alive
+    connections are kept: repeated bursts of 100 requests over reused keep-alive connections
+    were slower than over fresh ones against a local server (docs/swarm.md has the numbers),
+    and a swarm is bursty by nature. Set `keepalive` for remote endpoints where TLS setup
+    dominates.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, base_url: str | None = None,
