@@ -14,7 +14,8 @@ counted from the start to the end of the run (imports excluded).
     python benchmarks/swarm.py                      # full run (the single agent takes ~5 min)
     python benchmarks/swarm.py --single-groups 10   # single agent on 10 groups, scaled x10
 
-Prints a table and ratios, and writes one JSON line (stdout, and appended to --out if given).
+swarmoe and langgraph run `--repeats` times each, alternating; the median run of each is
+reported. Prints a table and ratios, and writes one JSON line (stdout, and appended to --out).
 """
 
 from __future__ import annotations
@@ -176,6 +177,8 @@ def main() -> None:
     p.add_argument("--latency", type=float, default=0.5, help="seconds per model call and tool")
     p.add_argument("--single-groups", type=int, default=None,
                    help="groups for the single agent (its wall is scaled to --groups)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of swarmoe and langgraph each (median reported)")
     p.add_argument("--out", default=None, help="append the JSON line to this file")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--contender", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)
@@ -193,12 +196,16 @@ def main() -> None:
                               text=True)
     try:
         url = server.stdout.readline().strip()
-        results = {}
-        for name in ("swarmoe", "langgraph", "single"):
+        runs: dict[str, list[dict[str, Any]]] = {}
+        # swarmoe and langgraph alternate, so machine noise hits both alike; the median counts.
+        order = ["swarmoe", "langgraph"] * args.repeats + ["single"]
+        for name in order:
             child = subprocess.run([*base, "--contender", name, "--url", url],
                                    capture_output=True, text=True, check=True)
-            results[name] = json.loads(child.stdout.strip().splitlines()[-1])
-            print(f"{name:10s} {results[name]}", file=sys.stderr, flush=True)
+            runs.setdefault(name, []).append(json.loads(child.stdout.strip().splitlines()[-1]))
+            print(f"{name:10s} {runs[name][-1]}", file=sys.stderr, flush=True)
+        results = {name: sorted(rs, key=lambda r: r["wall_s"])[len(rs) // 2]
+                   for name, rs in runs.items()}
     finally:
         server.stdin.close()
         server.wait(timeout=30)
@@ -209,7 +216,9 @@ def main() -> None:
     record = {
         "bench": "swarm", "groups": args.groups, "tool_calls": args.groups * 15,
         "latency_s": args.latency, "critical_path_s": critical_path,
-        "results": results, "single_wall_scaled_s": round(single_wall, 2),
+        "repeats": args.repeats, "results": results,
+        "walls_s": {name: [r["wall_s"] for r in rs] for name, rs in runs.items()},
+        "single_wall_scaled_s": round(single_wall, 2),
         "swarmoe_wall_over_critical_path": round(sw["wall_s"] / critical_path, 3),
         "swarmoe_wall_over_langgraph": round(sw["wall_s"] / lg["wall_s"], 3),
         "single_over_swarmoe": round(single_wall / sw["wall_s"], 2),

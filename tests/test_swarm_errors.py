@@ -127,4 +127,4 @@ def test_unknown_config_keys_and_bad_values_are_named():
     with pytest.raises(ValueError, match="prices"):
         Swarm(FakeModel(str).backend(), max_cost=1.0)
     with pytest.raises(TypeError, match="model must be"):
-        Swarm(42).run_sync("x")
+        Swarm(42)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from swarmoe.swarm.backends import AssistantMessage, Message, ToolCall
+from swarmoe.swarm.backends import AssistantMessage, BackendError, Message, ToolCall
 
 
 @dataclass
@@ -32,6 +32,8 @@ class AgentOutcome:
     count among the sub-agents it ran (Kimi K2.5's CriticalSteps; equals `steps` for an agent
     that runs no sub-agents)."""
     error: str | None = None
+    failure: BackendError | None = None
+    """The model call that kept failing, if that is why the agent stopped."""
 
 
 @dataclass
@@ -59,7 +61,10 @@ async def run_agent(agent: Agent, prompt: str, runtime: Runtime) -> AgentOutcome
     ]
     steps = critical = 0
     while steps < agent.max_steps:
-        msg = await runtime.chat(agent, steps, messages)
+        try:
+            msg = await runtime.chat(agent, steps, messages)
+        except BackendError as e:
+            return AgentOutcome(None, steps, critical, error=f"failed: {e}", failure=e)
         step, steps = steps, steps + 1
         messages.append(msg.to_message())
         if not msg.tool_calls:

@@ -159,6 +159,10 @@ class Swarm:
                 raise ValueError(f"tool name {name!r} is reserved for the swarm")
             if names.count(name) > 1:
                 raise ValueError(f"two tools are named {name!r}")
+        if not (isinstance(model, str | ChatBackend)
+                or callable(getattr(model, "chat_backend", None))):
+            raise TypeError(f"model must be a model name, a ChatBackend or have chat_backend(); "
+                            f"got {type(model).__name__}")
         if isinstance(model, str):
             if not (api_key or os.environ.get("MOONSHOT_API_KEY")
                     or os.environ.get("OPENAI_API_KEY")):
@@ -405,17 +409,14 @@ class _Run:
     async def run_agent(self, agent: Agent, prompt: str) -> AgentOutcome:
         self.emit("agent_start", agent.id, agent.id, {"name": agent.name, "prompt": prompt[:2000]})
         with self.spans.agent(agent.name, agent.id) as span:
-            try:
-                outcome = await run_agent(agent, prompt, self)
-            except BackendError as e:
-                if agent.id == ORCHESTRATOR:
-                    raise
-                outcome = AgentOutcome(None, 0, 0, error=f"failed: {e}")
+            outcome = await run_agent(agent, prompt, self)
             if outcome.error:
                 record_error(span, "agent_error", outcome.error)
         self.emit("agent_finish", agent.id, agent.id, {
             "name": agent.name, "steps": outcome.steps, "critical_steps": outcome.critical_steps,
             "error": outcome.error, "answer": outcome.answer})
+        if outcome.failure is not None and agent.id == ORCHESTRATOR:
+            raise outcome.failure  # a sub-agent's failure is its assign_task result instead
         return outcome
 
     # -- Runtime: model calls ---------------------------------------------------------------
