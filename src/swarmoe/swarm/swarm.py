@@ -306,6 +306,7 @@ class _Run:
         model_name = swarm.model if isinstance(swarm.model, str) else type(swarm.model).__name__
         self.spans = Spans(swarm.tracer_provider, model=model_name)
         self.tools: dict[str, Tool] = {}
+        self.tool_schemas: list[dict[str, Any]] = []
         self.stop_reason: str | None = None
         self.main_task: asyncio.Future[AgentOutcome] | None = None
         self.backend: ChatBackend | None = None
@@ -349,6 +350,7 @@ class _Run:
                             raise ValueError(f"MCP tool {t.name!r} clashes with another tool; "
                                              f"give the server a prefix")
                         self.tools[t.name] = t
+                self.tool_schemas = [t.schema for t in self.tools.values()]
                 outcome = await self._supervise()
         except BaseException:
             self.journal.set_meta(status="interrupted")
@@ -361,9 +363,8 @@ class _Run:
 
     async def _supervise(self) -> AgentOutcome | BaseException:
         """Run the orchestrator as one task that a budget or the deadline can cancel whole."""
-        schemas = [t.schema for t in self.tools.values()] + SWARM_TOOLS
-        orchestrator = Agent(ORCHESTRATOR, ORCHESTRATOR, self.swarm.system_prompt, schemas,
-                             self.swarm.orchestrator_max_steps)
+        orchestrator = Agent(ORCHESTRATOR, ORCHESTRATOR, self.swarm.system_prompt,
+                             self.tool_schemas + SWARM_TOOLS, self.swarm.orchestrator_max_steps)
         main = self.main_task = asyncio.ensure_future(self.run_agent(orchestrator, self.task))
         timer = None
         if self.swarm.deadline is not None:
@@ -512,6 +513,8 @@ class _Run:
 
     async def _swarm_tool(self, agent: Agent, key: str, name: str,
                           args: dict[str, Any]) -> ToolOutcome:
+        """create_subagent and assign_task. Their results are not journaled: a creation is
+        redone on replay (it is deterministic), an assignment's result is its sub-agent's."""
         if name == "create_subagent":
             sub, system_prompt = _str_args(name, args, "name", "system_prompt")
             if sub in self.subagents:
@@ -520,10 +523,7 @@ class _Run:
                 raise ToolError(f"limit of {self.swarm.max_subagents} sub-agents reached; "
                                 f"reuse existing ones with assign_task")
             self.subagents[sub] = system_prompt
-            content = f"Created sub-agent {sub!r}."
-            self.emit("tool_result", agent.id, key, {"name": name, "content": content,
-                                                      "error": False})
-            return ToolOutcome(content)
+            return ToolOutcome(f"Created sub-agent {sub!r}.")
         sub, prompt = _str_args(name, args, "agent", "prompt")
         if sub not in self.subagents:
             known = ", ".join(list(self.subagents)[:20]) or "none yet"
@@ -532,15 +532,13 @@ class _Run:
         system_prompt = self.subagents[sub]
         if self.check_answer is not None:
             system_prompt += "\n\n" + self.check_answer.instructions
-        worker = Agent(key, sub, system_prompt, [t.schema for t in self.tools.values()],
+        worker = Agent(key, sub, system_prompt, self.tool_schemas,
                        self.swarm.subagent_max_steps, self.check_answer)
-        outcome = await self.run_agent(worker, prompt)
+        outcome = await self.run_agent(worker, prompt)  # journaled as the sub-agent's events
         if outcome.error:
-            content, error = f"Error: sub-agent {sub!r} {outcome.error}", True
-        else:
-            content, error = outcome.answer or "", False
-        self.emit("tool_result", agent.id, key, {"name": name, "content": content, "error": error})
-        return ToolOutcome(content, error, outcome.critical_steps)
+            return ToolOutcome(f"Error: sub-agent {sub!r} {outcome.error}", True,
+                               outcome.critical_steps)
+        return ToolOutcome(outcome.answer or "", False, outcome.critical_steps)
 
 
 def _parse_arguments(call: ToolCall) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class Tool:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.name):
             raise ValueError(f"tool name {self.name!r} must be 1-64 letters, digits, '_' or '-'")
+        self._is_async = inspect.iscoroutinefunction(self.fn)
 
     @property
     def schema(self) -> dict[str, Any]:
@@ -67,10 +68,10 @@ class Tool:
                     f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}"
                     for err in e.errors())
                 raise ToolError(f"invalid arguments for {self.name!r}: {problems}") from None
-            kwargs = {k: getattr(parsed, k) for k in type(parsed).model_fields}
+            kwargs = dict(parsed)  # top-level fields only, values as validated
         else:
             kwargs = dict(arguments)
-        if inspect.iscoroutinefunction(self.fn):
+        if self._is_async:
             result = await self.fn(**kwargs)
         else:
             loop = asyncio.get_running_loop()

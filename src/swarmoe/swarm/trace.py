@@ -14,6 +14,8 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from swarmoe.swarm.backends import Usage
 
+_NO_SPAN = nullcontext(trace.INVALID_SPAN)
+
 
 class Spans:
     def __init__(self, provider: trace.TracerProvider | None = None, *, model: str = "",
@@ -28,11 +30,11 @@ class Spans:
 
     def _span(self, name: str, kind: SpanKind, attributes: dict[str, Any]
               ) -> AbstractContextManager[Span]:
-        if self._off:
-            return nullcontext(trace.INVALID_SPAN)
         return self._tracer.start_as_current_span(name, kind=kind, attributes=attributes)
 
     def agent(self, name: str, agent_id: str) -> AbstractContextManager[Span]:
+        if self._off:
+            return _NO_SPAN
         return self._span(f"invoke_agent {name}", SpanKind.INTERNAL, {
             "gen_ai.operation.name": "invoke_agent",
             "gen_ai.agent.name": name,
@@ -41,6 +43,8 @@ class Spans:
         })
 
     def chat(self) -> AbstractContextManager[Span]:
+        if self._off:
+            return _NO_SPAN
         return self._span(f"chat {self._model}", SpanKind.CLIENT, {
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": self._provider_name,
@@ -48,6 +52,8 @@ class Spans:
         })
 
     def tool(self, name: str, call_id: str) -> AbstractContextManager[Span]:
+        if self._off:
+            return _NO_SPAN
         return self._span(f"execute_tool {name}", SpanKind.INTERNAL, {
             "gen_ai.operation.name": "execute_tool",
             "gen_ai.tool.name": name,
