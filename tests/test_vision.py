@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 import torch
@@ -22,79 +20,10 @@ from swarmoe.text.media import (
 
 transformers = pytest.importorskip("transformers")
 
+from reference import hf_to_release  # noqa: E402 - needs transformers
+
 HIDDEN, HEADS, LAYERS, TEXT_HIDDEN = 64, 4, 2, 48
 PATCH = 14
-
-
-def hf_to_release(state_dict: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
-    """transformers 5.24 Kimi_K25 vision/projector names -> release checkpoint names.
-
-    Accepts keys of `Kimi_K25VisionModel` / `Kimi_K25MultimodalProjection` under the prefixes
-    `vision_tower.` / `mm_projector.` (or `model.vision_tower.` etc. from the full model).
-    transformers splits `wqkv` into q/k/v and permutes q and k for half-split rope; the release
-    keeps them fused and interleaved, so that permutation is undone here.
-    """
-    renames = [
-        (
-            r"^(?:model\.)?vision_tower\.layers\.(\d+)\.norm1\.",
-            r"vision_tower.encoder.blocks.\1.norm0.",
-        ),
-        (
-            r"^(?:model\.)?vision_tower\.layers\.(\d+)\.norm2\.",
-            r"vision_tower.encoder.blocks.\1.norm1.",
-        ),
-        (
-            r"^(?:model\.)?vision_tower\.layers\.(\d+)\.mlp\.fc1\.",
-            r"vision_tower.encoder.blocks.\1.mlp.fc0.",
-        ),
-        (
-            r"^(?:model\.)?vision_tower\.layers\.(\d+)\.mlp\.fc2\.",
-            r"vision_tower.encoder.blocks.\1.mlp.fc1.",
-        ),
-        (
-            r"^(?:model\.)?vision_tower\.layers\.(\d+)\.attn\.proj\.",
-            r"vision_tower.encoder.blocks.\1.wo.",
-        ),
-        (r"^(?:model\.)?vision_tower\.final_layernorm\.", "vision_tower.encoder.final_layernorm."),
-        (
-            r"^(?:model\.)?vision_tower\.patch_embed\.pos_emb\.position_embeddings$",
-            "vision_tower.patch_embed.pos_emb.weight",
-        ),
-        (r"^(?:model\.)?vision_tower\.patch_embed\.proj\.", "vision_tower.patch_embed.proj."),
-        (r"^(?:model\.)?mm_projector\.pre_norm\.", "mm_projector.pre_norm."),
-        (r"^(?:model\.)?mm_projector\.in_proj\.", "mm_projector.proj.0."),
-        (r"^(?:model\.)?mm_projector\.out_proj\.", "mm_projector.proj.2."),
-    ]
-
-    def interleave(t: torch.Tensor) -> torch.Tensor:
-        # per head: [2, head_dim/2] (half split) -> [head_dim/2, 2] (adjacent pairs)
-        rows = t.shape[0]
-        return t.reshape(num_heads, 2, rows // num_heads // 2, -1).transpose(1, 2).reshape(t.shape)
-
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for name, tensor in state_dict.items():
-        m = re.match(
-            r"^(?:model\.)?vision_tower\.layers\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$", name
-        )
-        if m:
-            block, which, kind = m.groups()
-            qkv.setdefault((block, kind), {})[which] = (
-                tensor if which == "v" else interleave(tensor)
-            )
-            continue
-        for pattern, repl in renames:
-            new, n = re.subn(pattern, repl, name)
-            if n:
-                out[new] = tensor
-                break
-        else:
-            raise KeyError(f"no release name for {name}")
-    for (block, kind), parts in qkv.items():
-        out[f"vision_tower.encoder.blocks.{block}.wqkv.{kind}"] = torch.cat(
-            [parts["q"], parts["k"], parts["v"]]
-        )
-    return out
 
 
 @pytest.fixture(scope="module")
