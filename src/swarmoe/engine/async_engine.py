@@ -12,10 +12,14 @@ import concurrent.futures
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from swarmoe.config import ModelConfig
 from swarmoe.engine.llm import LLM, Prompt, RequestOutput
 from swarmoe.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from swarmoe.text import Tokenizer
 
 _DONE = object()
 
@@ -28,6 +32,19 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="swarmoe-engine", daemon=True)
         self._thread.start()
+
+    # Read-only facts the server needs without reaching into the engine thread's LLM.
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.llm.tokenizer
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.llm.config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.max_model_len
 
     # -- engine thread ----------------------------------------------------------------------
 
