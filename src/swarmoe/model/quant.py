@@ -82,6 +82,8 @@ class Int4Experts(nn.Module):
         self.register_buffer("down_packed", torch.zeros(e, hidden, inter // 8, dtype=torch.int32))
         self.register_buffer("down_scale", torch.zeros(e, hidden, inter // INT4_GROUP))
 
+    thread_safe = True  # expert() only reads: dispatch may call it from several threads
+
     def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return (
             dequant_int4(self.gate_up_packed[e], self.gate_up_scale[e], dtype),
@@ -102,6 +104,8 @@ class Fp8Experts(nn.Module):
         self.register_buffer("gate_up_scale_inv", torch.ones(e, 2, blocks(inter), blocks(hidden), dtype=torch.float32))
         self.register_buffer("down_fp8", torch.zeros(e, hidden, inter, dtype=torch.float8_e4m3fn))
         self.register_buffer("down_scale_inv", torch.ones(e, blocks(hidden), blocks(inter), dtype=torch.float32))
+
+    thread_safe = True  # expert() only reads: dispatch may call it from several threads
 
     def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = self.gate_up_fp8[e].chunk(2, dim=0)

@@ -1,0 +1,91 @@
+"""Every dispatch path (calling thread / expert-parallel workers, grouped GEMMs / per-expert loop,
+weight-left bf16 GEMMs, INT4 experts, autograd) against a per-token, per-slot reference."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import swarmoe.model.moe as moe
+from swarmoe.model.quant import Int4Experts, quantize_int4
+
+E, H, INTER, K = 16, 64, 32, 4
+
+
+def experts(kind: str) -> moe.DenseExperts | Int4Experts:
+    g = torch.Generator().manual_seed(0)
+    dense = moe.DenseExperts(E, H, INTER)
+    with torch.no_grad():
+        dense.gate_up.copy_(torch.randn(dense.gate_up.shape, generator=g) * H**-0.5)
+        dense.down.copy_(torch.randn(dense.down.shape, generator=g) * INTER**-0.5)
+    if kind == "dense":
+        return dense
+    q = Int4Experts(E, H, INTER)
+    q.gate_up_packed, q.gate_up_scale = quantize_int4(dense.gate_up.data)
+    q.down_packed, q.down_scale = quantize_int4(dense.down.data)
+    return q
+
+
+def reference(x, idx, w, ex, shared):
+    y = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            gate_up, down = (p.float() for p in ex.expert(int(idx[t, j]), torch.float32))
+            gate, up = (x[t].float() @ gate_up.T).chunk(2)
+            y[t] += w[t, j] * ((F.silu(gate) * up) @ down.T)
+    return y + shared.float()(x.float())
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("workers", [True, False])
+@pytest.mark.parametrize("kind", ["dense", "int4"])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_dispatch_paths_match_reference(monkeypatch, tokens, threads, workers, kind, grouped):
+    monkeypatch.setattr(moe, "PARALLEL_MIN_HIDDEN", 0 if workers else 1 << 30)
+    monkeypatch.setattr(moe, "GROUPED_MAX_SPAN", E if grouped else 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(tokens)
+        ex, shared = experts(kind), moe.MLP(H, INTER)
+        x = torch.randn(tokens, H)
+        idx = torch.stack([torch.randperm(E)[:K] for _ in range(tokens)])
+        w = torch.rand(tokens, K)
+        want = reference(x, idx, w, ex, shared)
+        bound = 1e-5 * want.abs().max()
+        with torch.inference_mode():
+            assert (moe.dispatch(x, idx, w, ex, shared=shared) - want).abs().max() <= bound
+        with torch.no_grad():
+            assert (moe.dispatch(x, idx, w, ex, shared=shared) - want).abs().max() <= bound
+        assert (moe.dispatch(x, idx, w, ex, shared=shared).detach() - want).abs().max() <= bound
+        if kind == "dense":
+            ex.to(torch.bfloat16)
+            shared.to(torch.bfloat16)
+            with torch.inference_mode():
+                got = moe.dispatch(x.bfloat16(), idx, w, ex, shared=shared)
+            assert got.dtype == torch.bfloat16
+            assert (got.float() - reference(x.bfloat16(), idx, w, ex, shared)).abs().max() <= 0.03 * want.abs().max()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_workers_leave_the_thread_default_alone(monkeypatch):
+    monkeypatch.setattr(moe, "PARALLEL_MIN_HIDDEN", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ex, shared = experts("dense"), moe.MLP(H, INTER)
+        with torch.inference_mode():
+            moe.dispatch(torch.randn(5, H), torch.randint(0, E, (5, K)), torch.rand(5, K), ex, shared=shared)
+        assert torch.get_num_threads() == 2
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(before)
