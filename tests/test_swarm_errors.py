@@ -128,3 +128,5 @@ def test_unknown_config_keys_and_bad_values_are_named():
         Swarm(FakeModel(str).backend(), max_cost=1.0)
     with pytest.raises(TypeError, match="model must be"):
         Swarm(42)
+    with pytest.raises(TypeError, match="result_schema"):
+        Swarm(FakeModel(str).backend(), result_schema=42)

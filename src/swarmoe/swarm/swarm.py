@@ -190,7 +190,7 @@ class Swarm:
         self.retry = retry or RetryPolicy()
         self.sampling = dict(sampling or {})
         self.system_prompt = system_prompt
-        self.result_schema = result_schema
+        self.answer_checker = None if result_schema is None else _AnswerChecker(result_schema)
         self.runs_dir = runs_dir
         self.tracer_provider = tracer_provider
         self.on_event = on_event
@@ -282,6 +282,7 @@ class Swarm:
             "retry": asdict(self.retry),
             "sampling": self.sampling,
             "system_prompt": self.system_prompt,
+            "result_schema": self.answer_checker.schema if self.answer_checker else None,
             "tool_threads": self.tool_threads,
         }
 
@@ -311,7 +312,7 @@ class _Run:
         self.main_task: asyncio.Future[AgentOutcome] | None = None
         self.backend: ChatBackend | None = None
         self.executor: ThreadPoolExecutor | None = None
-        self.check_answer = _answer_checker(swarm.result_schema)
+        self.check_answer = swarm.answer_checker
 
     # -- events ------------------------------------------------------------------------------
 
@@ -600,6 +601,3 @@ class _AnswerChecker:
             return f"Your final answer is not valid: {e}. {self.instructions}"
         return None
 
-
-def _answer_checker(schema: Any) -> _AnswerChecker | None:
-    return None if schema is None else _AnswerChecker(schema)
