@@ -22,8 +22,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 demo: $(STAMP)
-	$(VENV)/bin/swarmoe init-tiny $(DEMO_DIR) --int4
-	$(VENV)/bin/swarmoe inspect --model $(DEMO_DIR) --prompt "The swarm splits the work."
+	$(VENV)/bin/swarmoe demo --dir $(DEMO_DIR)
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py

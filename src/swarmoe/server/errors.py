@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from swarmoe.server.protocol import ChatCompletionRequest, CompletionRequest
+
 log = logging.getLogger("swarmoe.server")
 
 _TYPES = {
@@ -71,31 +73,59 @@ def context_error(prompt_tokens: int, max_tokens: int, max_model_len: int) -> AP
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
-    """The first pydantic complaint, with the field it concerns as `param`."""
+    """The most specific pydantic complaint, with the field it concerns as `param`."""
     errors = exc.errors()
     if not errors:
         return APIError(400, "invalid request")
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # Union members and discriminator tags add location parts that name types, not fields.
-    loc = [p for p in loc if not (p[:1].isupper() or "[" in p or p in _UNION_TAGS)]
-    param = ".".join(loc) or None
+    first = max(errors, key=lambda e: len(_field_path(e.get("loc", ()))))
+    loc = _field_path(first.get("loc", ()))
     kind = first.get("type", "")
-    if kind == "json_invalid":
-        return APIError(400, f"request body is not valid JSON: {first.get('msg', '')}", code="invalid_json")
-    if kind == "missing" and not loc:
-        return APIError(400, "request body is required (JSON)", code="invalid_json")
-    if kind == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
-    if kind == "model_attributes_type" and not loc:
-        return APIError(400, "request body must be a JSON object", code="invalid_json")
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return APIError(400, f"{param}: {message}" if param else message, param=param,
-                    code="invalid_value")
+    if kind == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {message}", code="invalid_json")
+    if not loc and kind in ("missing", "model_attributes_type", "dict_type"):
+        return APIError(400, "request body must be a JSON object (Content-Type: application/json)",
+                        code="invalid_json")
+    if kind == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {'.'.join(loc)}",
+                        param=".".join(loc))
+    if not loc:  # a cross-field check: its message starts with the field it concerns
+        word = message.split(" ", 1)[0]
+        loc = [word] if word in _FIELDS else []
+        return APIError(400, message, param=loc[0] if loc else None, code="invalid_value")
+    if loc[0] in _UNION_HINTS and len(errors) > 1:
+        return APIError(400, f"{loc[0]} {_UNION_HINTS[loc[0]]}", param=loc[0], code="invalid_value")
+    param = ".".join(loc)
+    return APIError(400, f"{param}: {message}", param=param, code="invalid_value")
 
 
-_UNION_TAGS = {"system", "developer", "user", "assistant", "tool", "text", "image_url",
-               "function-after", "str", "int", "list", "float"}
+def _field_path(loc: tuple) -> list[str]:
+    """`loc` without the parts pydantic adds for unions: member labels (`list[int]`,
+    `NamedToolChoice`) and discriminator tags (the `user` in messages.0.user.content)."""
+    out: list[str] = []
+    after_index = False
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        text = str(part)
+        is_label = isinstance(part, str) and (
+            "[" in text or "-" in text or text[:1].isupper() or text in _TYPE_NAMES)
+        is_tag = after_index and text in _TAGS
+        if not (is_label or is_tag):
+            out.append(text)
+        after_index = isinstance(part, int)
+    return out
+
+
+# Fields whose type is a union: pydantic's per-member complaints help less than a summary.
+_UNION_HINTS = {
+    "prompt": "must be a non-empty string, list of strings, list of token ids (integers >= 0), "
+              "or list of token-id lists",
+    "stop": "must be a non-empty string or a list of at most 16 non-empty strings",
+}
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+_TAGS = {"system", "developer", "user", "assistant", "tool", "text", "image_url"}
+_FIELDS = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
 
 
 def install_error_handlers(app: FastAPI) -> None:

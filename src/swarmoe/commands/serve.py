@@ -1,0 +1,67 @@
+"""`swarmoe serve`: the OpenAI-compatible HTTP server over one checkpoint."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def serve(
+    model: Annotated[Path, typer.Option("--model", help="checkpoint directory")],
+    host: Annotated[str, typer.Option(help="address to bind; loopback unless you mean otherwise")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="SWARMOE_API_KEY",
+        help="require 'Authorization: Bearer KEY' on /v1 (or set SWARMOE_API_KEY)")] = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="model id clients send (default: the checkpoint directory's name)")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    expert_memory_gb: Annotated[float | None, typer.Option(
+        help="resident routed-expert budget in GB (the rest is read from disk)")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="context length cap")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="sequences batched together")] = 64,
+    max_request_mb: Annotated[float, typer.Option(help="largest request body accepted")] = 32.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve a checkpoint over the OpenAI API (/v1/chat/completions, /v1/completions, ...)."""
+    import uvicorn
+
+    from swarmoe import LLM
+    from swarmoe.engine.async_engine import AsyncEngine
+    from swarmoe.server import create_app
+
+    if not api_key and not _is_loopback(host):
+        typer.secho(f"warning: serving on {host} without --api-key; anyone who can reach it "
+                    "can use the model", fg="yellow", err=True)
+    try:
+        llm = LLM(model, dtype=dtype, device=device, expert_memory_gb=expert_memory_gb,
+                  max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from exc
+    if llm.tokenizer is None:
+        raise typer.BadParameter("the checkpoint has no tokenizer (tiktoken.model)",
+                                 param_hint="--model")
+    name = served_model_name or model.resolve().name
+    engine = AsyncEngine(llm)
+    try:
+        app = create_app(engine, name, api_key=api_key,
+                         max_request_bytes=int(max_request_mb * 1024 * 1024))
+        typer.echo(f"serving {model} as {name!r} on http://{host}:{port}/v1")
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
