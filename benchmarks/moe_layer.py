@@ -3,7 +3,8 @@
 Builds swarmoe's `MoE` and transformers' `DeepseekV3MoE` with the same random weights (the routed
 expert tensors are shared, router and shared expert copied), checks that their outputs agree, then
 times every implementation on the same inputs, round-robin, and reports medians, the ratio of the
-best transformers implementation to swarmoe, and the GB/s of expert weights read (distinct routed
+best transformers implementation to swarmoe (wall time; also process CPU time, which a busy shared
+machine disturbs less), and the GB/s of expert weights read (distinct routed
 experts touched + the shared expert, per call) next to the machine's read bandwidth measured in
 this run.
 
@@ -14,7 +15,7 @@ those sums are the read-bandwidth measurement. `--no-flush` times warm calls ins
     .venv/bin/python benchmarks/moe_layer.py                 # full run, ~10 minutes on 2 cores
     .venv/bin/python benchmarks/moe_layer.py --tokens 1,8 --dtypes bf16 --repeats 9
 
-Prints a table and one JSON line, also appended to benchmarks/results/moe_layer.jsonl.
+OMP_WAIT_POLICY defaults to PASSIVE here (see below). Prints a table and one JSON line, also appended to benchmarks/results/moe_layer.jsonl.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# Idle OpenMP threads sleep instead of spinning. On a machine shared with other jobs, spinning
+# threads of a 2-thread team stall every small GEMM for a scheduler slice (measured here: 2-thread
+# GEMVs 40x slower than 1-thread ones), which would flatter swarmoe's worker threads against the
+# peer's intra-op threads. Set OMP_WAIT_POLICY=ACTIVE to measure the default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -144,7 +151,7 @@ def main() -> None:
     p.add_argument("--impls", default="swarmoe," + ",".join(HF_IMPLS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15, help="timed calls per implementation (at most)")
-    p.add_argument("--budget", type=float, default=40.0, help="seconds per implementation and size, caps repeats")
+    p.add_argument("--budget", type=float, default=20.0, help="seconds per implementation and size, caps repeats")
     p.add_argument("--max-gather-gib", type=float, default=3.0, help="skip batched_mm above this gather size")
     p.add_argument("--no-flush", action="store_true", help="time warm calls (no cache flush before each)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe_layer.jsonl"))
@@ -186,6 +193,7 @@ def main() -> None:
                     if err > TOLERANCE[dname]:
                         raise SystemExit(f"{m} differs from eager at {dname}/{tokens}: {err:.3g}")
                 times: dict[str, list[float]] = {m: [] for m in active}
+                cpu: dict[str, list[float]] = {m: [] for m in active}
                 rates: dict[str, list[float]] = {m: [] for m in active}
                 spent = dict.fromkeys(active, 0.0)
                 for r, x in enumerate(xs):
@@ -195,9 +203,10 @@ def main() -> None:
                             continue
                         if not args.no_flush:
                             flush()
-                        t0 = time.perf_counter()
+                        c0, t0 = time.process_time(), time.perf_counter()
                         call(m, ours, ref, x)
                         t = time.perf_counter() - t0
+                        cpu[m].append(time.process_time() - c0)
                         spent[m] += t
                         times[m].append(t)
                         rates[m].append(nbytes[r] / t / 1e9)
@@ -209,6 +218,7 @@ def main() -> None:
                     "dtype": dname,
                     "tokens": tokens,
                     "ms": ms,
+                    "cpu_ms": {m: round(median(cpu[m]) * 1e3, 3) for m in active},
                     "gbps": gbps,
                     "calls": {m: len(times[m]) for m in active},
                     "expert_mb": round(statistics.mean(nbytes) / 1e6, 2),
@@ -216,6 +226,8 @@ def main() -> None:
                 }
                 if best and "swarmoe" in ms:
                     row["speedup_vs_best_hf"] = round(hf[best] / ms["swarmoe"], 2)
+                    cpu_hf = min(row["cpu_ms"][m] for m in hf)
+                    row["cpu_ratio_vs_best_hf"] = round(cpu_hf / row["cpu_ms"]["swarmoe"], 2)
                 rows.append(row)
                 print(f"  {dname} {tokens:>4} tokens: " + ", ".join(f"{m} {ms[m]:.2f} ms" for m in active), flush=True)
 
@@ -229,6 +241,7 @@ def main() -> None:
         "torch": torch.__version__,
         "shape": {"experts": args.experts, "hidden": args.hidden, "inter": args.inter, "top_k": args.top_k, "shared": 1},
         "threads": args.threads,
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "flush": not args.no_flush,
         "read_gbps": round(bw, 2),
         "loadavg_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
@@ -249,15 +262,16 @@ def main() -> None:
 def print_table(rows: list[dict], impls: list[str], bw: float) -> None:
     print(f"\nread bandwidth (torch sum over 1 GiB, this run): {bw:.1f} GB/s; 1-min load {os.getloadavg()[0]:.1f}")
     head = f"{'dtype':<5} {'tokens':>6} " + " ".join(f"{m + ' ms':>14}" for m in impls)
-    head += f" {'best HF/ours':>12} {'ours GB/s':>9} {'% read BW':>9}"
+    head += f" {'best HF/ours':>12} {'(CPU time)':>10} {'ours GB/s':>9} {'% read BW':>9}"
     print(head)
     for r in rows:
         cells = " ".join(f"{r['ms'].get(m, float('nan')):>14.2f}" for m in impls)
-        speed = r.get("speedup_vs_best_hf")
+        speed, cpu = r.get("speedup_vs_best_hf"), r.get("cpu_ratio_vs_best_hf")
         ours = r["gbps"].get("swarmoe", float("nan"))
         print(
             f"{r['dtype']:<5} {r['tokens']:>6} {cells} "
-            f"{(f'{speed:.2f}x' if speed else '-'):>12} {ours:>9.1f} {100 * ours / bw:>8.0f}%"
+            f"{(f'{speed:.2f}x' if speed else '-'):>12} {(f'{cpu:.2f}x' if cpu else '-'):>10} "
+            f"{ours:>9.1f} {100 * ours / bw:>8.0f}%"
         )
 
 
