@@ -107,6 +107,14 @@ def test_seed_n_and_logprobs(client):
             assert len(tops) == 3 and tops == sorted(tops, reverse=True) and e.logprob <= 0
 
 
+def test_extreme_but_valid_sampling_values(client):
+    # Found by the fuzzer: these once emptied the sampling distribution inside the engine.
+    for kw in ({"top_p": 1e-45}, {"temperature": 1e-40}, {"temperature": 2}):
+        r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, seed=1,
+                                           extra_body={"ignore_eos": True, "top_k": 1}, **kw)
+        assert r.usage.completion_tokens == 2
+
+
 def test_completions_streamed_equals_whole_and_batches(client):
     kw = dict(prompt=["The swarm", "Experts route"], max_tokens=6, temperature=0, logprobs=2)
     whole = client.completions.create(model=MODEL, **kw)

@@ -12,8 +12,8 @@ import torch
 class SamplingParams:
     """How to pick tokens; shaped like vLLM's so users feel at home.
 
-    temperature 0 is greedy. A `seed` makes a request's samples reproducible whatever else
-    shares its batch.
+    temperature 0 (anything below 1e-5) is greedy. A `seed` makes a request's samples
+    reproducible whatever else shares its batch.
     """
 
     temperature: float = 1.0
@@ -52,7 +52,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Dividing logits by a temperature this small overflows float32; it is argmax anyway.
+        return self.temperature < 1e-5
 
 
 def sample(
@@ -76,6 +77,7 @@ def sample(
         if params.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(-1) - sorted_p < params.top_p
+            keep[0] = True  # a top_p below float32 resolution would otherwise keep nothing
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
         token = int(torch.multinomial(probs, 1, generator=generator))
     if top is not None:

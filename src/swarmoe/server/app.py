@@ -58,7 +58,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Request body too large"},
     "default": {"model": ErrorResponse, "description": "Any other error, in OpenAI's shape"},
 }
-_STREAM = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+# Before OpenAPI 3.2, an event stream's schema describes one event.
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "description": "a JSON chunk, an error object, or [DONE] at the end"}}}
+_STREAM = {200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
                  "description": "The completion, or server-sent chunks when stream=true"}}
 
 

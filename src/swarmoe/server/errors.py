@@ -122,6 +122,7 @@ _UNION_HINTS = {
     "prompt": "must be a non-empty string, list of strings, list of token ids (integers >= 0), "
               "or list of token-id lists",
     "stop": "must be a non-empty string or a list of at most 16 non-empty strings",
+    "top_k": "must be -1 (off) or an integer >= 1",
 }
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 _TAGS = {"system", "developer", "user", "assistant", "tool", "text", "image_url"}

@@ -46,16 +46,21 @@ class _Sampling(_Request):
     model: str
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1, description="extension: -1 is off")
+    top_k: Literal[-1] | Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="extension: -1 is off")
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, max_length=16)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(default=False, description="extension: keep going past end-of-sequence")
-    presence_penalty: float = Field(default=0, ge=-2, le=2, description="only 0 is supported")
-    frequency_penalty: float = Field(default=0, ge=-2, le=2, description="only 0 is supported")
-    logit_bias: dict[str, float] | None = Field(default=None, description="not supported")
+    # Accepted so that clients which send the defaults work; the schema admits only those.
+    presence_penalty: float = Field(default=0, description="only 0 is supported",
+                                    json_schema_extra={"minimum": 0, "maximum": 0})
+    frequency_penalty: float = Field(default=0, description="only 0 is supported",
+                                     json_schema_extra={"minimum": 0, "maximum": 0})
+    logit_bias: dict[str, float] | None = Field(default=None, description="not supported",
+                                                json_schema_extra={"maxProperties": 0})
     user: str | None = None
 
     @model_validator(mode="after")
@@ -65,8 +70,6 @@ class _Sampling(_Request):
                 raise ValueError(f"{name} is not supported; leave it at 0")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
-        if self.top_k == 0:
-            raise ValueError("top_k must be -1 (off) or >= 1")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream=true")
         return self
@@ -81,7 +84,8 @@ class TextPart(_Request):
 
 
 class ImageURL(_Request):
-    url: str = Field(description="a data URL: data:image/png;base64,...")
+    url: str = Field(description="a data URL: data:image/png;base64,...",
+                     json_schema_extra={"pattern": "^data:"})
     detail: Literal["auto", "low", "high"] | None = None
 
 
