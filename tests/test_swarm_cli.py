@@ -30,6 +30,9 @@ def test_run_prints_json_and_reads_the_environment(tmp_path, monkeypatch):
     assert data["run_id"] == "cli-1" and data["answer"] == work.expected_answer()
     assert data["stats"]["tool_calls"] == 6 and data["stopped"] is None
     assert (tmp_path / "cli-1.sqlite").exists()
+    again = CliRunner().invoke(app, ["run", work.task, "--api-key", "k", "--run-id", "cli-1",
+                                     "--runs-dir", str(tmp_path)])
+    assert again.exit_code == 2 and "already exists" in again.output
 
 
 def test_run_errors_are_one_clear_line():

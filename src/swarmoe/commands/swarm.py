@@ -43,6 +43,7 @@ def run(
 ) -> None:
     """Run a task through the agent swarm."""
     from swarmoe.swarm import MCPTools, RunStopped, Swarm, import_tool
+    from swarmoe.swarm.store import new_run_id
 
     view = LiveView() if live and not as_json and sys.stdout.isatty() else None
     options: dict[str, Any] = {"on_event": view.on_event if view else None}
@@ -68,7 +69,7 @@ def run(
             if not task:
                 raise ValueError("give a task, or --resume RUN_ID")
             swarm = Swarm(**options, runs_dir=runs_dir)
-            run_id = run_id or _new_id()
+            run_id = run_id or new_run_id()
             the_run = swarm.run(task, run_id=run_id)
             typer.echo(f"run {run_id} (resume with: swarmoe run --resume {run_id})", err=True)
     except (ValueError, TypeError, FileNotFoundError) as e:
@@ -79,13 +80,10 @@ def run(
     except RunStopped as e:
         _report(e.result, as_json, stopped=e.reason)
         raise typer.Exit(1) from None
+    except (ValueError, FileNotFoundError) as e:  # e.g. a run id that is already taken
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     _report(result, as_json)
-
-
-def _new_id() -> str:
-    from swarmoe.swarm.store import new_run_id
-
-    return new_run_id()
 
 
 def _drive(coro: Any, view: LiveView | None) -> Any:
