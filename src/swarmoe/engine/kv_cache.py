@@ -10,7 +10,8 @@ blocks of a sequence and copies its partial last block (copy on write).
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +50,18 @@ def slot_indices(block_table: list[int], start: int, end: int, block_size: int) 
 
 def chain_hash(previous: bytes, tokens: list[int]) -> bytes:
     h = hashlib.blake2b(previous, digest_size=16)
-    h.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
+    h.update(array("q", tokens).tobytes())
     return h.digest()
+
+
+def block_hashes(seq: Sequence, count: int, block_size: int) -> list[bytes]:
+    """The chained hashes of `seq`'s first `count` full blocks, computed once per sequence."""
+    hashes = seq.block_hashes
+    while len(hashes) < count:
+        i = len(hashes)
+        tokens = seq.token_slice(i * block_size, (i + 1) * block_size)
+        hashes.append(chain_hash(hashes[-1] if hashes else b"", tokens))
+    return hashes
 
 
 @dataclass
@@ -67,11 +78,13 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free: deque[int] = deque(range(num_blocks))
+        # Free blocks, least recently freed first (a freed block keeps its hash until reused).
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.by_hash: dict[bytes, int] = {}
         self.prefix_caching = prefix_caching
         self.hits = 0
         self.lookups = 0
+        self.peak_used = 0  # most blocks in use at once (reset it to measure a window)
 
     @property
     def num_free(self) -> int:
@@ -88,56 +101,53 @@ class BlockManager:
         shared, from_free = self._hits(seq)
         return self.blocks_needed(seq.num_tokens) - shared + from_free <= self.num_free
 
-    def _full_blocks(self, seq: Sequence) -> list[tuple[bytes, tuple[int, ...]]]:
-        """Hashes of the sequence's full blocks that may come from the cache: the last token
-        is always computed, since its logits are needed."""
-        ids = seq.token_ids
-        out, previous = [], b""
-        for start in range(0, len(ids) - 1 - self.block_size + 1, self.block_size):
-            tokens = tuple(ids[start : start + self.block_size])
-            previous = chain_hash(previous, list(tokens))
-            out.append((previous, tokens))
-        return out
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Ids of the cached blocks holding `seq`'s leading full blocks. The last token is always
+        computed, since its logits are needed; a hash match is confirmed on the tokens."""
+        if not (self.prefix_caching and seq.cacheable):
+            return []
+        bs = self.block_size
+        hashes = block_hashes(seq, (seq.num_tokens - 1) // bs, bs)
+        found = []
+        for i, h in enumerate(hashes):
+            bid = self.by_hash.get(h)
+            if bid is None or self.blocks[bid].tokens != tuple(seq.token_slice(i * bs, (i + 1) * bs)):
+                break
+            found.append(bid)
+        return found
 
     def _hits(self, seq: Sequence) -> tuple[int, int]:
         """Prefix blocks `allocate` would reuse, and how many of those sit in the free list."""
-        if not (self.prefix_caching and seq.cacheable):
-            return 0, 0
-        shared = from_free = 0
-        for h, tokens in self._full_blocks(seq):
-            bid = self.by_hash.get(h)
-            if bid is None or self.blocks[bid].tokens != tokens:
-                break
-            shared += 1
-            from_free += self.blocks[bid].ref_count == 0
-        return shared, from_free
+        found = self._cached_prefix(seq)
+        return len(found), sum(self.blocks[bid].ref_count == 0 for bid in found)
 
     def allocate(self, seq: Sequence) -> None:
         """Blocks for all of `seq`'s current tokens, reusing cached prefix blocks."""
         assert not seq.block_table
         cached = 0
+        found = self._cached_prefix(seq)
         if self.prefix_caching and seq.cacheable:
-            for h, tokens in self._full_blocks(seq):
-                self.lookups += 1
-                bid = self.by_hash.get(h)
-                if bid is None or self.blocks[bid].tokens != tokens:
-                    break
-                self.hits += 1
-                block = self.blocks[bid]
-                if block.ref_count == 0:
-                    self.free.remove(bid)
-                block.ref_count += 1
-                seq.block_table.append(bid)
-                cached += self.block_size
+            # Lookups stop at the first miss: the hits, plus that miss when there was one.
+            self.lookups += len(found) + (len(found) < (seq.num_tokens - 1) // self.block_size)
+        for bid in found:
+            self.hits += 1
+            block = self.blocks[bid]
+            if block.ref_count == 0:
+                del self.free[bid]
+                self.peak_used = max(self.peak_used, self.num_used)
+            block.ref_count += 1
+            seq.block_table.append(bid)
+            cached += self.block_size
         seq.num_cached = seq.num_computed = cached
         while len(seq.block_table) < self.blocks_needed(seq.num_tokens):
             seq.block_table.append(self._take_fresh().id)
 
     def _take_fresh(self) -> Block:
-        block = self.blocks[self.free.popleft()]
+        block = self.blocks[self.free.popitem(last=False)[0]]
         if block.hash is not None and self.by_hash.get(block.hash) == block.id:
             del self.by_hash[block.hash]
         block.hash, block.tokens, block.ref_count = None, (), 1
+        self.peak_used = max(self.peak_used, self.num_used)
         return block
 
     def ensure(self, seq: Sequence, num_tokens: int) -> bool:
@@ -158,15 +168,17 @@ class BlockManager:
         """
         if not (self.prefix_caching and seq.cacheable):
             return
-        ids = seq.token_ids
-        previous = b""
-        for i in range(upto // self.block_size):
-            tokens = tuple(ids[i * self.block_size : (i + 1) * self.block_size])
-            previous = chain_hash(previous, list(tokens))
+        bs = self.block_size
+        count = upto // bs
+        if count <= seq.num_registered:
+            return
+        hashes = block_hashes(seq, count, bs)
+        for i in range(seq.num_registered, count):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
-                block.hash, block.tokens = previous, tokens
-                self.by_hash.setdefault(previous, block.id)
+                block.hash, block.tokens = hashes[i], tuple(seq.token_slice(i * bs, (i + 1) * bs))
+                self.by_hash.setdefault(hashes[i], block.id)
+        seq.num_registered = count
 
     def free_sequence(self, seq: Sequence) -> None:
         computed = seq.num_computed // self.block_size
@@ -181,9 +193,10 @@ class BlockManager:
                     del self.by_hash[block.hash]
                 block.hash, block.tokens = None, ()
             # A computed block stays findable by hash until it is handed out again.
-            self.free.append(block.id)
+            self.free[block.id] = None
         seq.block_table = []
         seq.num_computed = 0
+        seq.num_registered = 0
 
     def fork(self, parent: Sequence, child: Sequence, cache: LatentCache) -> bool:
         """Give `child` the parent's cache: full blocks shared, the partial block copied."""
@@ -191,6 +204,7 @@ class BlockManager:
         if partial and not self.num_free:
             return False
         child.block_table = parent.block_table[:full]
+        child.num_registered = 0
         for bid in child.block_table:
             self.blocks[bid].ref_count += 1
         if partial:

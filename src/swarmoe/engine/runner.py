@@ -2,9 +2,19 @@
 
 Tokens of all sequences are concatenated, so embeddings, projections, the MoE and the dense
 layers run as one batch (the experts see every sequence's tokens together). Attention is the
-only per-sequence part: new latents are written to their cache slots, prefill chunks attend with
-the latent expanded to per-head keys and values, and decode steps attend over the latent
-directly with `kv_b_proj` absorbed into the query (the form that makes MLA's cache small).
+only per-sequence part. New latents are written to their cache slots first; then each query
+attends in one of two forms, whichever costs fewer operations:
+
+- expanded (long prefill chunks): the cached latent goes through `kv_b_proj` to per-head keys and
+  values, and SDPA runs causally;
+- absorbed (decode steps and short chunks over a long context): `kv_b_proj` is folded into the
+  query, which attends over the latent directly (the form that makes MLA's cache small). Queries
+  of sequences that share cached prefix blocks score that prefix together, in one GEMM over a
+  single copy of it, and their own blocks in a batched GEMM; the two parts are merged with their
+  log-sum-exp (exact, only the summation order changes).
+
+Everything that depends only on the schedule (slots, masks, groups) is built once per step, not
+per layer.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swarmoe.engine.kv_cache import LatentCache, slot_indices
+from swarmoe.engine.kv_cache import LatentCache
 from swarmoe.engine.sequence import Sequence
 from swarmoe.model.attention import MLAttention
 from swarmoe.model.kimi import KimiForCausalLM, check_token_ids
@@ -34,6 +44,30 @@ class Work:
         return self.end - self.start == 1 and self.start > 0
 
 
+@dataclass
+class _Group:
+    """Absorbed rows whose sequences share the cache slots `slots` (their first positions)."""
+
+    rows: torch.Tensor  # indices into the absorbed rows
+    slots: torch.Tensor  # [S] cache slots of the shared positions
+
+
+@dataclass
+class _Plan:
+    """What attention needs in every layer, built once per step."""
+
+    write_slots: torch.Tensor  # [T] where each new token's latent goes
+    # Expanded items: (row span in the step's tokens, cache slots [0, end), start, end)
+    expanded: list[tuple[int, int, torch.Tensor, int, int]]
+    # Absorbed rows
+    rows: torch.Tensor | None = None  # [R] indices into the step's tokens
+    private_slots: torch.Tensor | None = None  # [R, P] slots of each row's own keys
+    private_mask: torch.Tensor | None = None  # [R, P] True where the row may attend
+    groups: list[_Group] | None = None
+    plain_rows: torch.Tensor | None = None  # rows in no group
+    all_rows_grouped: bool = False
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, cache: LatentCache) -> None:
         self.model = model
@@ -42,102 +76,245 @@ class ModelRunner:
         self.cfg = self.lm.cfg
         self.device = next(model.parameters()).device
         self.dtype = self.lm.model.embed_tokens.weight.dtype
+        self._absorbed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.inference_mode()
     def step(self, work: list[Work]) -> torch.Tensor:
         """Logits [len(work), vocab] at the last computed token of each item."""
         text = self.lm.model
-        embeds, positions, slots = [], [], []
-        bs = self.cache.block_size
-        for w in work:
-            positions.append(torch.arange(w.start, w.end))
-            slots.append(slot_indices(w.seq.block_table, w.start, w.end, bs))
-            if w.seq.prompt_embeds is not None and w.start < len(w.seq.prompt_ids):
-                prompt_end = min(w.end, len(w.seq.prompt_ids))
-                part = [w.seq.prompt_embeds[w.start : prompt_end].to(self.device, self.dtype)]
-                if w.end > prompt_end:
-                    part.append(text.embed(self._ids(w.seq.token_ids[prompt_end : w.end]))[0])
-                embeds.append(torch.cat(part))
-            else:
-                embeds.append(text.embed(self._ids(w.seq.token_ids[w.start : w.end]))[0])
-        x = torch.cat(embeds)[None]
-        pos = torch.cat(positions).to(self.device)
-        slot = torch.cat(slots).to(self.device)
+        x = self._embed(work)
+        positions = [p for w in work for p in range(w.start, w.end)]
+        pos = torch.tensor(positions, device=self.device)
         cos, sin = text.rotary(pos[None])
-        spans, offset = [], 0
-        for w in work:
-            spans.append((offset, offset + w.end - w.start))
-            offset += w.end - w.start
+        plan = self._plan(work)
         for index, layer in enumerate(text.layers):
             h = layer.input_layernorm(x)
-            x = x + self._attention(index, layer.self_attn, h, cos, sin, slot, work, spans)
+            x = x + self._attention(index, layer.self_attn, h, cos, sin, plan)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        last = torch.tensor([end - 1 for _, end in spans], device=self.device)
-        return self.lm.lm_head(text.norm(x[0, last]))
+        last, offset = [], 0
+        for w in work:
+            offset += w.end - w.start
+            last.append(offset - 1)
+        return self.lm.lm_head(text.norm(x[0, torch.tensor(last, device=self.device)]))
 
-    def _ids(self, ids: list[int]) -> torch.Tensor:
+    # -- inputs -------------------------------------------------------------------------------
+
+    def _embed(self, work: list[Work]) -> torch.Tensor:
+        """[1, T, hidden]: token embeddings, with multimodal prompts' own embeddings spliced in."""
+        ids: list[int] = []
+        spliced: list[tuple[int, torch.Tensor]] = []
+        for w in work:
+            seq = w.seq
+            n_prompt = len(seq.prompt_ids)
+            if seq.prompt_embeds is not None and w.start < n_prompt:
+                prompt_end = min(w.end, n_prompt)
+                spliced.append((len(ids), seq.prompt_embeds[w.start:prompt_end]))
+                ids.extend([0] * (prompt_end - w.start))
+                ids.extend(seq.output_ids[: w.end - prompt_end])
+            elif w.start >= n_prompt:
+                ids.extend(seq.output_ids[w.start - n_prompt : w.end - n_prompt])
+            else:
+                ids.extend(seq.prompt_ids[w.start : min(w.end, n_prompt)])
+                ids.extend(seq.output_ids[: max(w.end - n_prompt, 0)])
         t = torch.tensor(ids, dtype=torch.long, device=self.device)
         check_token_ids(t, self.cfg.vocab_size)
-        return t[None]
+        x = self.lm.model.embed_tokens(t)
+        for at, embeds in spliced:
+            x[at : at + embeds.shape[0]] = embeds.to(self.device, x.dtype)
+        return x[None]
+
+    def _absorb_cheaper(self, w: Work) -> bool:
+        """Multiply-adds of attending over `w.end` positions with `w.end - w.start` queries:
+        expanding the latent per head against folding kv_b_proj into the queries."""
+        c = self.cfg
+        tq, ctx = w.end - w.start, w.end
+        fold = c.kv_lora_rank * (c.qk_nope_head_dim + c.v_head_dim)
+        expanded = ctx * fold + tq * ctx * (c.qk_head_dim + c.v_head_dim)
+        absorbed = tq * fold + tq * ctx * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
+        return absorbed < expanded
+
+    def _plan(self, work: list[Work]) -> _Plan:
+        bs = self.cache.block_size
+        dev = self.device
+        write: list[int] = []
+        expanded = []
+        absorbed: list[int] = []
+        offset = 0
+        spans = []
+        for i, w in enumerate(work):
+            table = w.seq.block_table
+            write.extend(table[p // bs] * bs + p % bs for p in range(w.start, w.end))
+            spans.append(offset)
+            if w.is_decode or self._absorb_cheaper(w):
+                absorbed.append(i)
+            else:
+                slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(w.end)], device=dev)
+                expanded.append((offset, offset + w.end - w.start, slots, w.start, w.end))
+            offset += w.end - w.start
+        plan = _Plan(torch.tensor(write, device=dev), expanded)
+        if absorbed:
+            self._plan_absorbed(plan, [work[i] for i in absorbed], [spans[i] for i in absorbed])
+        return plan
+
+    def _plan_absorbed(self, plan: _Plan, items: list[Work], spans: list[int]) -> None:
+        """Rows, private keys and shared-prefix groups of the absorbed items."""
+        bs = self.cache.block_size
+        dev = self.device
+        # Group sequences by their first cache block; a group shares the longest run of blocks
+        # common to all its members that lies wholly before every member's new tokens.
+        by_first: dict[int, list[int]] = {}
+        for j, w in enumerate(items):
+            if w.start >= bs:
+                by_first.setdefault(w.seq.block_table[0], []).append(j)
+        shared_blocks = [0] * len(items)
+        groups: list[tuple[list[int], list[int]]] = []
+        for members in by_first.values():
+            if len(members) < 2:
+                continue
+            tables = [items[j].seq.block_table for j in members]
+            limit = min(items[j].start // bs for j in members)
+            common = 0
+            first = tables[0]
+            while common < limit and all(t[common] == first[common] for t in tables):
+                common += 1
+            for j in members:
+                shared_blocks[j] = common
+            groups.append((members, first[:common]))
+        # Private keys: positions [shared, end) of each item, padded to the longest.
+        starts = [shared_blocks[j] * bs for j in range(len(items))]
+        width = max(w.end - s for w, s in zip(items, starts, strict=True))
+        longest_table = max(len(w.seq.block_table) for w in items)
+        tables = torch.tensor([w.seq.block_table + [0] * (longest_table - len(w.seq.block_table)) for w in items])
+        first_pos = torch.tensor(starts)
+        ends = torch.tensor([w.end for w in items])
+        key_pos = first_pos[:, None] + torch.arange(width)[None]  # [items, P]
+        clamped = torch.minimum(key_pos, ends[:, None] - 1)
+        slots = tables.gather(1, clamped // bs) * bs + clamped % bs
+        counts = [w.end - w.start for w in items]
+        if all(n == 1 for n in counts):
+            rows = torch.tensor(spans)
+            q_pos = ends - 1
+            item_of_row = None
+        else:
+            rows = torch.tensor([s + k for s, n in zip(spans, counts, strict=True) for k in range(n)])
+            q_pos = torch.tensor([w.start + k for w in items for k in range(w.end - w.start)])
+            item_of_row = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts))
+            slots, key_pos = slots[item_of_row], key_pos[item_of_row]
+        plan.rows = rows.to(dev)
+        plan.private_slots = slots.to(dev)
+        plan.private_mask = (key_pos <= q_pos[:, None]).to(dev)
+        if not groups:
+            return
+        row_first = [0]
+        for n in counts:
+            row_first.append(row_first[-1] + n)
+        plan.groups = []
+        grouped = torch.zeros(len(rows), dtype=torch.bool)
+        for members, blocks in groups:
+            member_rows = torch.tensor([r for j in members for r in range(row_first[j], row_first[j + 1])])
+            grouped[member_rows] = True
+            block_ids = torch.tensor(blocks)
+            shared = (block_ids[:, None] * bs + torch.arange(bs)[None]).flatten()
+            plan.groups.append(_Group(member_rows.to(dev), shared.to(dev)))
+        plan.plain_rows = (~grouped).nonzero().flatten().to(dev)
+        plan.all_rows_grouped = bool(grouped.all())
+
+    # -- attention ------------------------------------------------------------------------------
 
     def _attention(
         self, index: int, attn: MLAttention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        slot: torch.Tensor, work: list[Work], spans: list[tuple[int, int]],
+        plan: _Plan,
     ) -> torch.Tensor:
         q_nope, q_rope = attn.queries(h, cos, sin)
         latent, k_rope = attn.latents(h, cos, sin)
         store = self.cache.layer(index)
-        store[slot] = torch.cat([latent[0], k_rope[0]], dim=-1).to(store.dtype)
+        store[plan.write_slots] = torch.cat([latent[0], k_rope[0]], dim=-1).to(store.dtype)
+        if not plan.expanded and plan.rows is not None and len(plan.rows) == h.shape[1]:
+            # Every token is absorbed (a decode step): rows are the tokens in order.
+            out = self._absorbed_rows(index, attn, store, q_nope[0], q_rope[0], plan)
+            return attn.o_proj(out)[None]
         out = torch.empty(h.shape[1], attn.o_proj.in_features, dtype=h.dtype, device=h.device)
-        decodes = [i for i, w in enumerate(work) if w.is_decode]
-        if decodes:
-            rows = torch.tensor([spans[i][0] for i in decodes], device=h.device)
-            out[rows] = self._decode(attn, store, q_nope[0, :, rows], q_rope[0, :, rows], [work[i] for i in decodes])
-        for i, w in enumerate(work):
-            if w.is_decode:
-                continue
-            a, b = spans[i]
-            out[a:b] = self._prefill(attn, store, q_nope[:, :, a:b], q_rope[:, :, a:b], w)
+        if plan.rows is not None:
+            out[plan.rows] = self._absorbed_rows(
+                index, attn, store, q_nope[0, :, plan.rows], q_rope[0, :, plan.rows], plan)
+        for a, b, slots, start, end in plan.expanded:
+            out[a:b] = self._expanded(attn, store, q_nope[:, :, a:b], q_rope[:, :, a:b], slots, start, end)
         return attn.o_proj(out)[None]
 
-    def _gather(self, store: torch.Tensor, seq: Sequence, length: int) -> torch.Tensor:
-        return store[slot_indices(seq.block_table, 0, length, self.cache.block_size).to(store.device)]
-
-    def _prefill(
-        self, attn: MLAttention, store: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor, w: Work
+    def _expanded(
+        self, attn: MLAttention, store: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor,
+        slots: torch.Tensor, start: int, end: int,
     ) -> torch.Tensor:
         c = self.cfg
-        cached = self._gather(store, w.seq, w.end).to(q_nope.dtype)
+        cached = store[slots].to(q_nope.dtype)
         latent, k_rope = cached.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         mask = None
-        if w.start:
-            q_pos = torch.arange(w.start, w.end, device=q_nope.device)[:, None]
-            mask = torch.arange(w.end, device=q_nope.device)[None] <= q_pos
-        kv = attn.kv_b_proj(latent).view(w.end, c.num_attention_heads, -1).transpose(0, 1)
+        if start:
+            q_pos = torch.arange(start, end, device=q_nope.device)[:, None]
+            mask = torch.arange(end, device=q_nope.device)[None] <= q_pos
+        kv = attn.kv_b_proj(latent).view(end, c.num_attention_heads, -1).transpose(0, 1)
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope[None].expand(c.num_attention_heads, -1, -1)], dim=-1)
         q = torch.cat([q_nope[0], q_rope[0]], dim=-1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scale)
-        return o.transpose(0, 1).reshape(w.end - w.start, -1)
+        return o.transpose(0, 1).reshape(end - start, -1)
 
-    def _decode(
-        self, attn: MLAttention, store: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor,
-        work: list[Work],
+    def _absorbed_weights(self, index: int, attn: MLAttention) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_uk [H, nope, L] and W_uv^T [H, L, v], contiguous, kept per layer."""
+        found = self._absorbed.get(index)
+        weight = attn.kv_b_proj.weight
+        if found is None or found[0].dtype != weight.dtype:
+            w_uk, w_uv = attn.absorbed_weights()
+            found = (w_uk.contiguous(), w_uv.transpose(1, 2).contiguous())
+            self._absorbed[index] = found
+        return found
+
+    def _absorbed_rows(
+        self, index: int, attn: MLAttention, store: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor,
+        plan: _Plan,
     ) -> torch.Tensor:
-        """Absorbed MLA over the latent: q_nope [H,B,nope], q_rope [H,B,rope] -> [B, H*v]."""
+        """Absorbed MLA for the plan's rows: q_nope [H,R,nope], q_rope [H,R,rope] -> [R, H*v]."""
         c = self.cfg
-        lengths = [w.end for w in work]
-        longest = max(lengths)
-        width = store.shape[-1]
-        batch = torch.zeros(len(work), longest, width, dtype=q_nope.dtype, device=q_nope.device)
-        for i, w in enumerate(work):
-            batch[i, : w.end] = self._gather(store, w.seq, w.end)
-        latent, k_rope = batch.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
-        valid = torch.arange(longest, device=q_nope.device)[None] < torch.tensor(lengths, device=q_nope.device)[:, None]
-        w_uk, w_uv = attn.absorbed_weights()
-        q_latent = torch.einsum("hbn,hnk->bhk", q_nope, w_uk)
-        scores = torch.einsum("bhk,bsk->bhs", q_latent, latent) + torch.einsum("hbr,bsr->bhs", q_rope, k_rope)
-        scores = (scores * attn.scale).masked_fill(~valid[:, None], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(latent.dtype)
-        context = torch.einsum("bhs,bsk->bhk", probs, latent)
-        return torch.einsum("bhk,hvk->bhv", context, w_uv).reshape(len(work), -1)
+        lora = c.kv_lora_rank
+        w_uk, w_uv_t = self._absorbed_weights(index, attn)
+        heads, rows = q_nope.shape[0], q_nope.shape[1]
+        # Queries in the cache's space: [R, H, lora + rope], pre-scaled.
+        q = torch.cat([torch.bmm(q_nope, w_uk), q_rope], dim=-1).transpose(0, 1) * attn.scale
+        keys = store[plan.private_slots]
+        if keys.dtype != q.dtype:
+            keys = keys.to(q.dtype)
+        scores = torch.bmm(q, keys.transpose(1, 2)).float()  # [R, H, P]
+        scores.masked_fill_(~plan.private_mask[:, None], float("-inf"))
+        if not plan.groups:
+            probs = torch.softmax(scores, dim=-1).to(q.dtype)
+            context = torch.bmm(probs, keys[..., :lora])  # [R, H, lora]
+        else:
+            context = self._merge_shared(q, scores, keys[..., :lora], store, plan)
+        out = torch.bmm(context.transpose(0, 1), w_uv_t)  # [H, R, v]
+        return out.transpose(0, 1).reshape(rows, heads * c.v_head_dim)
+
+    def _merge_shared(
+        self, q: torch.Tensor, scores: torch.Tensor, private: torch.Tensor, store: torch.Tensor, plan: _Plan
+    ) -> torch.Tensor:
+        """Context over (shared prefix of the row's group) + (its own keys), by log-sum-exp."""
+        lora = self.cfg.kv_lora_rank
+        heads = q.shape[1]
+        peak = scores.amax(-1, keepdim=True)  # finite: every row sees its own position
+        weights = torch.exp(scores - peak)
+        total = weights.sum(-1, keepdim=True)
+        context = torch.bmm(weights.to(q.dtype), private).float()  # [R, H, lora], unnormalised
+        for g in plan.groups or []:
+            keys = store[g.slots]
+            if keys.dtype != q.dtype:
+                keys = keys.to(q.dtype)
+            qg = q.index_select(0, g.rows)
+            s = (qg.reshape(-1, qg.shape[-1]) @ keys.t()).float()  # [Rg*H, S]
+            s = s.view(len(g.rows), heads, -1)
+            peak_g = s.amax(-1, keepdim=True)
+            w = torch.exp(s - peak_g)
+            ctx_g = (w.to(q.dtype).view(-1, w.shape[-1]) @ keys[:, :lora]).float().view(len(g.rows), heads, lora)
+            top = torch.maximum(peak[g.rows], peak_g)
+            a, b = torch.exp(peak[g.rows] - top), torch.exp(peak_g - top)
+            context[g.rows] = context[g.rows] * a + ctx_g * b
+            total[g.rows] = total[g.rows] * a + w.sum(-1, keepdim=True) * b
+        return (context / total).to(q.dtype)

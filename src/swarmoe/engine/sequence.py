@@ -20,7 +20,7 @@ class Status(Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's list lookups must not compare token lists
 class Sequence:
     """Token ids so far, how many of them have latents in the cache, and the blocks holding them.
 
@@ -46,10 +46,23 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
+    # Chained hashes of the full blocks of token_ids (tokens only grow, so they stay valid) and
+    # how many blocks of block_table have been offered to the prefix cache.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered: int = 0
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without building the whole list."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]
 
     @property
     def num_tokens(self) -> int:

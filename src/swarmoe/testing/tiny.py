@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from swarmoe.config import parse_config
 from swarmoe.model.kimi import build_model
@@ -140,6 +141,11 @@ def random_state_dict(config: dict[str, Any], seed: int = 0) -> dict[str, torch.
     cfg = parse_config(config)
     torch.manual_seed(seed)
     model = build_model(cfg)
+    _randomize(model)
+    return model.state_dict()
+
+
+def _randomize(model: nn.Module) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -151,7 +157,6 @@ def random_state_dict(config: dict[str, Any], seed: int = 0) -> dict[str, torch.
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.05)
-    return model.state_dict()
 
 
 def _release_tensors(
@@ -167,25 +172,34 @@ def _release_tensors(
         if not isinstance(module, MoE) or not isinstance(module.experts, DenseExperts):
             continue
         prefix = f"{name}.experts"
-        gate_up, down = state[f"{prefix}.gate_up"], state[f"{prefix}.down"]
         stacked |= {f"{prefix}.gate_up", f"{prefix}.down"}
-        for e in range(module.experts.num_experts):
-            for proj, w in (("gate", gate_up[e, :inter]), ("up", gate_up[e, inter:]), ("down", down[e])):
-                base = f"{prefix}.{e}.{proj}_proj."
-                if int4:
-                    packed, scale = quantize_int4(w)
-                    out[base + "weight_packed"] = packed
-                    out[base + "weight_scale"] = scale.to(torch.bfloat16)
-                    out[base + "weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int32)
-                elif fp8:
-                    q, scale_inv = quantize_fp8(w)
-                    out[base + "weight"] = q
-                    out[base + "weight_scale_inv"] = scale_inv
-                else:
-                    out[base + "weight"] = w.clone()
+        out.update(_split_experts(state, prefix, module.experts.num_experts, inter, int4, fp8))
     for name, tensor in state.items():
         if name not in stacked:
             out[name] = tensor.clone()
+    return out
+
+
+def _split_experts(
+    state: dict[str, torch.Tensor], prefix: str, num_experts: int, inter: int, int4: bool, fp8: bool
+) -> dict[str, torch.Tensor]:
+    """One layer's stacked `gate_up` / `down` -> per-expert release tensors."""
+    gate_up, down = state[f"{prefix}.gate_up"], state[f"{prefix}.down"]
+    out: dict[str, torch.Tensor] = {}
+    for e in range(num_experts):
+        for proj, w in (("gate", gate_up[e, :inter]), ("up", gate_up[e, inter:]), ("down", down[e])):
+            base = f"{prefix}.{e}.{proj}_proj."
+            if int4:
+                packed, scale = quantize_int4(w)
+                out[base + "weight_packed"] = packed
+                out[base + "weight_scale"] = scale.to(torch.bfloat16)
+                out[base + "weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int32)
+            elif fp8:
+                q, scale_inv = quantize_fp8(w)
+                out[base + "weight"] = q
+                out[base + "weight_scale_inv"] = scale_inv
+            else:
+                out[base + "weight"] = w.clone()
     return out
 
 
@@ -199,12 +213,16 @@ def make_tiny_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     shards: int = 2,
     config: dict[str, Any] | None = None,
+    stream: bool = False,
     **text_overrides: Any,
 ) -> Path:
     """Write a random checkpoint in the release layout to `path` and return it.
 
     `config` replaces the generated config.json wholesale (its vocabulary must hold the tiny
     tokenizer's specials, i.e. be at least the size `write_tiny_tokenizer` returns).
+    `stream=True` writes the routed experts one MoE layer at a time (one shard per layer, the
+    rest in one shard), so checkpoints far larger than memory can be made; its random values
+    differ from the default path's for the same seed.
     """
     if int4 and fp8:
         raise ValueError("choose int4 or fp8 experts, not both")
@@ -213,15 +231,71 @@ def make_tiny_checkpoint(
     vocab_size = write_tiny_tokenizer(path)
     if config is None:
         config = tiny_config(vocab_size, multimodal=multimodal, int4=int4, fp8=fp8, **text_overrides)
-    tensors = _release_tensors(random_state_dict(config, seed), config, int4, fp8)
-    tensors = {
+    if stream:
+        _stream_checkpoint(path, config, int4, fp8, seed, dtype)
+    else:
+        tensors = _release_tensors(random_state_dict(config, seed), config, int4, fp8)
+        _write_shards(path, _stored(tensors, dtype), shards)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def _stored(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {
         k: v.to(dtype) if v.is_floating_point() and v.dtype != torch.float8_e4m3fn
         and not _keeps_fp32(k) else v
         for k, v in tensors.items()
     }
-    _write_shards(path, tensors, shards)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    return path
+
+
+class _NoExperts(nn.Module):
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+
+
+def _stream_checkpoint(
+    path: Path, config: dict[str, Any], int4: bool, fp8: bool, seed: int, dtype: torch.dtype
+) -> None:
+    """Non-expert weights in one shard, then each MoE layer's experts generated and written
+    on their own: peak memory is the non-expert model plus one layer of experts."""
+    from swarmoe.model.loader import instantiate
+
+    cfg = parse_config(config)
+    text = cfg.text
+    torch.manual_seed(seed)
+    prefixes: list[str] = []
+
+    def no_experts(prefix: str) -> nn.Module:
+        prefixes.append(prefix)
+        return _NoExperts(text.n_routed_experts)
+
+    model = instantiate(cfg, set(), torch.float32, "cpu", make_experts=no_experts)
+    _randomize(model)
+    weight_map: dict[str, str] = {}
+    total = 0
+    files = 1 + len(prefixes)
+
+    def write(index: int, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal total
+        file = f"model-{index:05d}-of-{files:05d}.safetensors"
+        tensors = {n: t.contiguous() for n, t in _stored(tensors, dtype).items()}
+        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    write(1, dict(model.state_dict()))
+    del model
+    e, h, inter = text.n_routed_experts, text.hidden_size, text.moe_intermediate_size
+    for i, prefix in enumerate(prefixes):
+        layer = {
+            f"{prefix}.gate_up": torch.randn(e, 2 * inter, h) * (0.5 / h**0.5),
+            f"{prefix}.down": torch.randn(e, h, inter) * (0.5 / inter**0.5),
+        }
+        write(2 + i, _split_experts(layer, prefix, e, inter, int4, fp8))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
 
 
 def _keeps_fp32(name: str) -> bool:
