@@ -310,6 +310,16 @@ class LLM:
                     done[out.request_id] = out
         return [done[i] for i in ids]
 
+    def chat_backend(self):  # -> swarmoe.server.local_backend.LocalChatBackend
+        """The swarm's chat backend over this engine: `Swarm(model=LLM(...))` calls this.
+
+        Imported lazily: the chat layer sits above the engine, and the swarm below knows
+        neither. From then on the backend's engine thread drives this LLM.
+        """
+        from swarmoe.server.local_backend import local_backend
+
+        return local_backend(self)
+
     def stats(self) -> dict[str, float]:
         """Cache blocks used / free, prefix hits, preemptions, and expert-cache counters."""
         out: dict[str, float] = {
