@@ -76,8 +76,7 @@ def test_swarm_on_the_real_engine_completes(tmp_path):
                   sampling={"max_tokens": 12, "temperature": 0,
                             "chat_template_kwargs": {"thinking": False}})
     result = swarm.run_sync("Say something.")
-    # Random weights write noise (thinking off, so it is content): the run must finish cleanly
-    # with that noise as its answer, its tokens counted by the engine.
+    # Random weights write noise (which may even contain a <think> marker, so the answer may be
+    # empty): the run must finish cleanly, its tokens counted by the engine.
     assert result.stats.total_steps >= 1
-    assert result.stats.prompt_tokens > 100 and 0 < result.stats.completion_tokens <= 12
-    assert isinstance(result.answer, str) and result.answer
+    assert result.stats.prompt_tokens > 100 and 0 < result.stats.completion_tokens <= 12 * result.stats.total_steps
