@@ -80,3 +80,18 @@ def test_swarm_on_the_real_engine_completes(tmp_path):
     # empty): the run must finish cleanly, its tokens counted by the engine.
     assert result.stats.total_steps >= 1
     assert result.stats.prompt_tokens > 100 and 0 < result.stats.completion_tokens <= 12 * result.stats.total_steps
+
+
+def test_cli_run_takes_a_checkpoint_directory(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from swarmoe.cli import app
+
+    path = make_tiny_checkpoint(tmp_path / "tiny", seed=6)
+    monkeypatch.delenv("MOONSHOT_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    result = CliRunner().invoke(app, ["run", "hello", "--model", str(path), "--json",
+                                      "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["stats"]["total_steps"] >= 1 and report["stats"]["prompt_tokens"] > 100

@@ -21,7 +21,8 @@ def register(app: typer.Typer) -> None:
 def run(
     task: Annotated[str | None, typer.Argument(help="The task; omit with --resume.")] = None,
     model: Annotated[str | None, typer.Option(
-        help="Model name on the endpoint (env SWARMOE_MODEL; default kimi-k2.5).")] = None,
+        help="Model name on the endpoint (env SWARMOE_MODEL; default kimi-k2.5), or a local "
+             "checkpoint directory to run in-process.")] = None,
     base_url: Annotated[str | None, typer.Option(
         help="OpenAI-compatible endpoint (env SWARMOE_BASE_URL; default Moonshot API).")] = None,
     api_key: Annotated[str | None, typer.Option(
@@ -55,6 +56,10 @@ def run(
         if value is not None:
             options[key] = value
     try:
+        if isinstance(model, str) and (Path(model) / "config.json").is_file():
+            from swarmoe import LLM  # a checkpoint: the swarm runs on the in-process engine
+
+            options["model"] = LLM(model)
         if tool:
             options["tools"] = [import_tool(ref) for ref in tool]
         if mcp:
