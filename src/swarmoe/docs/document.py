@@ -8,6 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 from swarmoe.docs.cache import DocCache, content_key, default_root
+from swarmoe.docs.embed import prefetch_embedder
 from swarmoe.docs.index import HybridIndex, describe
 from swarmoe.docs.model import DocumentError, OutlineEntry, Parsed, SearchHit, Table
 from swarmoe.docs.readers import pdf_tables, read
@@ -107,6 +108,7 @@ def open_document(
     if cache is not None and cache.exists():
         parsed = cache.load_parsed()
         return Document(p, key, parsed, HybridIndex.load(cache.folder, parsed.pages), cache)
+    prefetch_embedder()
     parsed = read(p, data)
     index = HybridIndex.build(parsed.pages)
     if cache is not None:
