@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ def _standardize(scores: np.ndarray) -> np.ndarray:
 class HybridIndex:
     """BM25 (bm25s) and dense page vectors for one document; searched together."""
 
-    def __init__(self, pages: list[str], bm25: object, dense: np.ndarray) -> None:
+    def __init__(self, pages: list[str], bm25: Any, dense: np.ndarray) -> None:
         self.pages = pages
         self.bm25 = bm25
         self.dense = dense
@@ -54,8 +55,10 @@ class HybridIndex:
 
         lines = strip_running_lines(pages)
         corpus = [analyze(" ".join([page_title(ls)] * TITLE_WEIGHT + ls)) for ls in lines]
-        bm25 = bm25s.BM25()
-        bm25.index(corpus, show_progress=False)
+        bm25 = None  # a document of numbers and stopwords only has no BM25 side
+        if any(corpus):
+            bm25 = bm25s.BM25()
+            bm25.index(corpus, show_progress=False)
         # ~8 characters per word piece: cutting the text first keeps the tokenizer from
         # reading whole pages only to throw most of them away.
         leads = [" ".join(ls)[: LEAD_TOKENS * 8] for ls in lines]
@@ -63,14 +66,15 @@ class HybridIndex:
         return cls(pages, bm25, dense)
 
     def save(self, folder: Path) -> None:
-        self.bm25.save(str(folder / "bm25"))
+        if self.bm25 is not None:
+            self.bm25.save(str(folder / "bm25"))
         np.save(folder / "dense.npy", self.dense)
 
     @classmethod
     def load(cls, folder: Path, pages: list[str]) -> HybridIndex:
         import bm25s
 
-        bm25 = bm25s.BM25.load(str(folder / "bm25"))
+        bm25 = bm25s.BM25.load(str(folder / "bm25")) if (folder / "bm25").is_dir() else None
         return cls(pages, bm25, np.load(folder / "dense.npy"))
 
     def search(self, query: str, k: int = 5) -> list[SearchHit]:
@@ -79,7 +83,7 @@ class HybridIndex:
         expanded = expand_query(query)
         terms = analyze(expanded)
         fused = _standardize(self.dense @ get_embedder().encode([expanded])[0])
-        if terms:
+        if terms and self.bm25 is not None:
             fused += _standardize(np.asarray(self.bm25.get_scores(terms), dtype=np.float64))
         fused[[not p.strip() for p in self.pages]] = -np.inf
         top = [int(i) for i in np.argsort(-fused, kind="stable")[:k] if np.isfinite(fused[i])]

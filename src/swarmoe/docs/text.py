@@ -68,7 +68,8 @@ def strip_running_lines(pages: list[str]) -> list[list[str]]:
         counts.update({_shape(ln) for ln in ls})
     limit = max(3, len(pages) // 5)
     running = {s for s, c in counts.items() if c >= limit}
-    return [[ln for ln in ls if _shape(ln) not in running] for ls in lines]
+    kept = [[ln for ln in ls if _shape(ln) not in running] for ls in lines]
+    return [k if k else ls for k, ls in zip(kept, lines, strict=True)]  # never blank a page
 
 
 def _is_texty(line: str) -> bool:
