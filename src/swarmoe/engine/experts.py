@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ from swarmoe.model.loader import (
     fill,
     instantiate,
 )
-from swarmoe.model.quant import dequant_fp8, dequant_int4
+from swarmoe.model.quant import FP8_BLOCK, dequant_fp8, dequant_int4
 
 _DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
@@ -58,47 +59,103 @@ class TensorReader:
         return _DTYPES[entry["dtype"]], tuple(entry["shape"]), base + begin, end - begin
 
     def read(self, name: str) -> torch.Tensor:
-        dtype, shape, offset, size = self.info(name)
-        file = self.files[name]
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
-        buffer = bytearray(size)
+        return self.read_cat([name])
+
+    def read_cat(self, names: list[str]) -> torch.Tensor:
+        """Tensors of one dtype and trailing shape, concatenated on dim 0, read straight into one
+        buffer (no copy after the read)."""
+        infos = [self.info(n) for n in names]
+        dtype, shape = infos[0][0], infos[0][1]
+        for name, (d, s, _, _) in zip(names, infos, strict=True):
+            if d != dtype or s[1:] != shape[1:]:
+                raise CheckpointError(f"tensor {name} does not stack with {names[0]}")
+        total = sum(size for *_, size in infos)
+        rows = sum(s[0] for _, s, _, _ in infos) if shape else 0
+        out_shape = (rows, *shape[1:]) if shape else shape
+        if not total:
+            return torch.empty(out_shape, dtype=dtype)
+        buffer = bytearray(total)
         view = memoryview(buffer)
-        done = 0
-        while done < size:
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise CheckpointError(f"{file.name} ends before tensor {name} does")
-            done += got
-        return torch.frombuffer(buffer, dtype=dtype).view(shape) if size else torch.empty(shape, dtype=dtype)
+        at = 0
+        for name, (_, _, offset, size) in zip(names, infos, strict=True):
+            file = self.files[name]
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            done = 0
+            while done < size:
+                got = os.preadv(fd, [view[at + done : at + size]], offset + done)
+                if got <= 0:
+                    raise CheckpointError(f"{file.name} ends before tensor {name} does")
+                done += got
+            at += size
+        return torch.frombuffer(buffer, dtype=dtype).view(out_shape)
 
 
 class ExpertCache:
-    """One LRU of raw expert tensors for all layers, bounded in bytes."""
+    """One cache of raw expert tensors for all layers, bounded in bytes.
+
+    Eviction is least-recently-used; admission is frequency-gated (TinyLFU): when the cache is
+    full, an expert that missed displaces the least recently used ones only if it has been routed
+    to more often than each of them (counts halve periodically, so they follow the traffic). A
+    plain LRU smaller than the experts one step touches evicts every expert just before its next
+    use (all misses); the gate keeps a stable resident set instead, and still lets experts that
+    are routed to again and again in.
+    Safe to call from several threads: loads run outside the lock.
+    """
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self.entries: OrderedDict[tuple[str, int], dict[str, torch.Tensor]] = OrderedDict()
+        self.sizes: dict[tuple[str, int], int] = {}
+        self.freq: dict[tuple[str, int], int] = {}
         self.resident = 0
         self.hits = self.misses = self.bytes_loaded = 0
+        self._accesses = 0
+        self._lock = threading.Lock()
 
     def get(self, key: tuple[str, int], load: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        found = self.entries.get(key)
-        if found is not None:
-            self.hits += 1
-            self.entries.move_to_end(key)
-            return found
-        self.misses += 1
+        with self._lock:
+            self._count(key)
+            found = self.entries.get(key)
+            if found is not None:
+                self.hits += 1
+                self.entries.move_to_end(key)
+                return found
+            self.misses += 1
         tensors = load()
         size = sum(t.numel() * t.element_size() for t in tensors.values())
-        self.bytes_loaded += size
-        while self.entries and self.resident + size > self.budget:
-            _, old = self.entries.popitem(last=False)
-            self.resident -= sum(t.numel() * t.element_size() for t in old.values())
-        self.entries[key] = tensors
-        self.resident += size
+        with self._lock:
+            self.bytes_loaded += size
+            if key not in self.entries and size <= self.budget and self._make_room(key, size):
+                self.entries[key] = tensors
+                self.sizes[key] = size
+                self.resident += size
         return tensors
+
+    def _count(self, key: tuple[str, int]) -> None:
+        self.freq[key] = self.freq.get(key, 0) + 1
+        self._accesses += 1
+        if self._accesses >= 16 * max(len(self.entries), 64):  # age: halve every count
+            self._accesses = 0
+            self.freq = {k: v // 2 for k, v in self.freq.items() if v > 1}
+
+    def _make_room(self, key: tuple[str, int], size: int) -> bool:
+        """Evict LRU entries to fit `size` bytes, if `key` is more frequent than all of them."""
+        free = self.budget - self.resident
+        victims = []
+        want = self.freq.get(key, 0)
+        for old in self.entries:
+            if free >= size:
+                break
+            if self.freq.get(old, 0) >= want:
+                return False
+            victims.append(old)
+            free += self.sizes[old]
+        for old in victims:
+            del self.entries[old]
+            self.resident -= self.sizes.pop(old)
+        return True
 
     def stats(self) -> dict[str, float]:
         total = self.hits + self.misses
@@ -124,6 +181,9 @@ class OffloadedExperts(nn.Module):
         self.reader, self.prefix, self.kind, self.cache = reader, prefix, kind, cache
         self.num_experts = num_experts
         self.device = device
+        # gate and up are read into one [2I, H] tensor, so one conversion gives the fused
+        # weight; FP8 block scales stack only when the gate's rows fill whole blocks.
+        self.fused = kind != "fp8" or inter % FP8_BLOCK == 0
         for e in range(num_experts):
             for proj, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
                 name = f"{prefix}.{e}.{proj}_proj.{_PARTS[kind][0]}"
@@ -139,23 +199,29 @@ class OffloadedExperts(nn.Module):
         return {f"{self.prefix}.{e}.{p}_proj.{s}" for e in range(self.num_experts)
                 for p in ("gate", "up", "down") for s in parts}
 
+    thread_safe = True  # the cache locks its bookkeeping; loads and conversions run in parallel
+
     def _load(self, e: int) -> dict[str, torch.Tensor]:
+        base = f"{self.prefix}.{e}"
+        groups = [("gate_up", ("gate", "up")), ("down", ("down",))] if self.fused else [
+            ("gate", ("gate",)), ("up", ("up",)), ("down", ("down",))]
         return {
-            f"{proj}.{part}": self.reader.read(f"{self.prefix}.{e}.{proj}_proj.{part}").to(self.device)
-            for proj in ("gate", "up", "down") for part in _PARTS[self.kind]
+            f"{key}.{part}": self.reader.read_cat([f"{base}.{p}_proj.{part}" for p in projs]).to(self.device)
+            for key, projs in groups for part in _PARTS[self.kind]
         }
 
     def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         raw = self.cache.get((self.prefix, e), lambda: self._load(e))
 
-        def weight(proj: str) -> torch.Tensor:
+        def weight(key: str) -> torch.Tensor:
             if self.kind == "int4":
-                return dequant_int4(raw[f"{proj}.weight_packed"], raw[f"{proj}.weight_scale"], dtype)
+                return dequant_int4(raw[f"{key}.weight_packed"], raw[f"{key}.weight_scale"], dtype)
             if self.kind == "fp8":
-                return dequant_fp8(raw[f"{proj}.weight"], raw[f"{proj}.weight_scale_inv"], dtype)
-            return raw[f"{proj}.weight"].to(dtype)
+                return dequant_fp8(raw[f"{key}.weight"], raw[f"{key}.weight_scale_inv"], dtype)
+            return raw[f"{key}.weight"].to(dtype)
 
-        return torch.cat([weight("gate"), weight("up")]), weight("down")
+        gate_up = weight("gate_up") if self.fused else torch.cat([weight("gate"), weight("up")])
+        return gate_up, weight("down")
 
 
 def expert_bytes(reader: TensorReader, prefix: str, kind: str) -> int:
