@@ -48,7 +48,7 @@ class Work:
 class _Group:
     """Absorbed rows whose sequences share the cache slots `slots` (their first positions)."""
 
-    rows: torch.Tensor  # indices into the absorbed rows
+    rows: torch.Tensor | None  # indices into the absorbed rows; None: all of them
     slots: torch.Tensor  # [S] cache slots of the shared positions
 
 
@@ -64,8 +64,6 @@ class _Plan:
     private_slots: torch.Tensor | None = None  # [R, P] slots of each row's own keys
     private_mask: torch.Tensor | None = None  # [R, P] True where the row may attend
     groups: list[_Group] | None = None
-    plain_rows: torch.Tensor | None = None  # rows in no group
-    all_rows_grouped: bool = False
 
 
 class ModelRunner:
@@ -209,15 +207,14 @@ class ModelRunner:
         for n in counts:
             row_first.append(row_first[-1] + n)
         plan.groups = []
-        grouped = torch.zeros(len(rows), dtype=torch.bool)
         for members, blocks in groups:
-            member_rows = torch.tensor([r for j in members for r in range(row_first[j], row_first[j + 1])])
-            grouped[member_rows] = True
             block_ids = torch.tensor(blocks)
-            shared = (block_ids[:, None] * bs + torch.arange(bs)[None]).flatten()
-            plan.groups.append(_Group(member_rows.to(dev), shared.to(dev)))
-        plan.plain_rows = (~grouped).nonzero().flatten().to(dev)
-        plan.all_rows_grouped = bool(grouped.all())
+            shared = (block_ids[:, None] * bs + torch.arange(bs)[None]).flatten().to(dev)
+            if len(members) == len(items):
+                plan.groups.append(_Group(None, shared))
+                continue
+            member_rows = [r for j in members for r in range(row_first[j], row_first[j + 1])]
+            plan.groups.append(_Group(torch.tensor(member_rows, device=dev), shared))
 
     # -- attention ------------------------------------------------------------------------------
 
@@ -307,12 +304,18 @@ class ModelRunner:
             keys = store[g.slots]
             if keys.dtype != q.dtype:
                 keys = keys.to(q.dtype)
-            qg = q.index_select(0, g.rows)
-            s = (qg.reshape(-1, qg.shape[-1]) @ keys.t()).float()  # [Rg*H, S]
-            s = s.view(len(g.rows), heads, -1)
+            qg = q if g.rows is None else q.index_select(0, g.rows)
+            n = qg.shape[0]
+            s = (qg.reshape(n * heads, -1) @ keys.t()).float().view(n, heads, -1)  # [Rg, H, S]
             peak_g = s.amax(-1, keepdim=True)
             w = torch.exp(s - peak_g)
-            ctx_g = (w.to(q.dtype).view(-1, w.shape[-1]) @ keys[:, :lora]).float().view(len(g.rows), heads, lora)
+            ctx_g = (w.to(q.dtype).view(n * heads, -1) @ keys[:, :lora]).float().view(n, heads, lora)
+            if g.rows is None:
+                top = torch.maximum(peak, peak_g)
+                a, b = torch.exp(peak - top), torch.exp(peak_g - top)
+                context = context * a + ctx_g * b
+                total = total * a + w.sum(-1, keepdim=True) * b
+                continue
             top = torch.maximum(peak[g.rows], peak_g)
             a, b = torch.exp(peak[g.rows] - top), torch.exp(peak_g - top)
             context[g.rows] = context[g.rows] * a + ctx_g * b
