@@ -188,3 +188,27 @@ def test_errors_name_the_file(tmp_path: Path, cache: Path) -> None:
         open_document(blank, cache_dir=cache)
     with pytest.raises(DocumentError, match=r"missing\.pdf: no such file"):
         open_document(tmp_path / "missing.pdf", cache_dir=cache)
+
+
+def test_pages_without_words_still_search(tmp_path: Path, cache: Path) -> None:
+    (tmp_path / "n.txt").write_text("\f".join(f"{i} {i * 7} {i * 13}" for i in range(1, 9)))
+    doc = open_document(tmp_path / "n.txt", cache_dir=cache)
+    assert doc.num_pages == 8 and len(doc.search("the", k=3)) == 3  # dense side only
+    assert len(open_document(tmp_path / "n.txt", cache_dir=cache).search("revenue", k=2)) == 2
+
+
+def test_pdf_tables_are_extracted_once(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from swarmoe.docs.synthetic import generate_report
+
+    rep = generate_report(tmp_path / "r.pdf", pages=40, seed=1)
+    page = next(f.page for f in rep.facts if f.kind == "segment_table")
+    first = open_document(rep.path, cache_dir=cache).tables(page)
+    assert first and first[0].rows[0] == ["Segment", "Revenue", "Operating income"]
+
+    def no_pdfplumber(*_: object) -> None:
+        raise AssertionError("tables extracted again")
+
+    monkeypatch.setattr(document_module, "pdf_tables", no_pdfplumber)
+    assert open_document(rep.path, cache_dir=cache).tables(page) == first
