@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import re
@@ -16,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from swarmoe import LLM
+from swarmoe import LLM, SamplingParams
 from swarmoe.engine.async_engine import AsyncEngine
 from swarmoe.server import create_app
 from swarmoe.server.background import serve_in_thread
@@ -216,3 +217,21 @@ def test_client_leaving_a_whole_request_aborts_and_frees_blocks(server):
             time.sleep(0.01)
     wait_for_idle(url, timeout=2)
     assert 'swarmoe_requests_total{route="/v1/chat/completions",status="499"}' in httpx.get(url + "/metrics").text
+
+
+async def test_callers_cancelled_before_the_engine_answers_leave_nothing_behind(server):
+    """A client that leaves while its request is still queued for the engine thread (or a
+    health check that times out) must neither leak the request nor kill the engine."""
+    url, engine = server
+    params = SamplingParams(max_tokens=1900, ignore_eos=True)
+    for i in range(20):
+        stream = engine.generate({"prompt_token_ids": list(range(30))}, params, f"gone-{i}")
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(engine.stats(), 0)
+    await asyncio.to_thread(wait_for_idle, url, 5)
+    assert httpx.get(url + "/health").status_code == 200

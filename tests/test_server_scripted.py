@@ -41,7 +41,8 @@ class ScriptedEngine:
         self.prompts: list[str] = []
 
     async def generate(
-        self, prompt: dict, params: SamplingParams, request_id: str | None = None
+        self, prompt: dict, params: SamplingParams, request_id: str | None = None,
+        *, latest_only: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         ids = prompt["prompt_token_ids"]
         if any(not 0 <= i < self.tokenizer.vocab_size for i in ids):

@@ -51,7 +51,10 @@ def serve(
         app = create_app(engine, name, api_key=api_key,
                          max_request_bytes=int(max_request_mb * 1024 * 1024))
         typer.echo(f"serving {model} as {name!r} on http://{host}:{port}/v1")
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        # Idle connections outlive the clients' own pools (httpx drops them after 5 s), so a
+        # client never reuses a connection the server is closing at that moment.
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=65,
+                    timeout_graceful_shutdown=5)
     finally:
         engine.shutdown()
 

@@ -65,25 +65,32 @@ class AsyncEngine:
                 except Exception as exc:  # a model failure ends every stream with an error
                     self._fail_all(exc)
                     continue
-                for out in outputs:
-                    self._publish(out)
+                self._publish(outputs)
 
     @staticmethod
     def _call(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # its caller was cancelled first (a client left, a timeout): skip it
         try:
             future.set_result(fn())
         except Exception as exc:
             future.set_exception(exc)
 
-    def _publish(self, out: RequestOutput) -> None:
-        entry = self._streams.get(out.request_id)
-        if entry is None:
-            return
-        loop, q = entry
-        loop.call_soon_threadsafe(q.put_nowait, out)
-        if out.finished:
-            loop.call_soon_threadsafe(q.put_nowait, _DONE)
-            self._streams.pop(out.request_id, None)
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        """One wake-up per event loop per step, however many of its requests moved."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for out in outputs:
+            entry = self._streams.get(out.request_id)
+            if entry is None:
+                continue
+            loop, q = entry
+            batch = batches.setdefault(loop, [])
+            batch.append((q, out))
+            if out.finished:
+                batch.append((q, _DONE))
+                self._streams.pop(out.request_id, None)
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_deliver, batch)
 
     def _fail_all(self, exc: BaseException) -> None:
         for rid in list(self._streams):
@@ -99,11 +106,15 @@ class AsyncEngine:
         return await asyncio.wrap_future(future)
 
     async def generate(
-        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
+        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+        *, latest_only: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as it progresses; the last one has `finished=True`.
 
         Leaving the iteration early (a client went away) aborts the request and frees its cache.
+        With `latest_only`, a caller that fell behind gets only the newest of the outputs
+        waiting for it (they are cumulative, so nothing is lost): a slow consumer, such as an
+        HTTP stream, then sends fewer, larger pieces instead of falling further behind.
         """
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -113,11 +124,23 @@ class AsyncEngine:
             self._streams[rid] = (loop, q)
             return rid
 
-        rid = await self._submit(add)
+        added: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((add, added))
+        try:
+            rid = await asyncio.wrap_future(added)
+        except asyncio.CancelledError:  # the caller left while the add was queued: undo it
+            added.add_done_callback(self._abort_when_added)
+            raise
         finished = False
         try:
             while True:
                 item = await q.get()
+                while latest_only and isinstance(item, RequestOutput) and not q.empty():
+                    newer = q.get_nowait()
+                    if newer is _DONE:
+                        q.put_nowait(_DONE)  # the queue is empty now: it still comes next
+                        break
+                    item = newer
                 if item is _DONE:
                     finished = True
                     return
@@ -128,6 +151,11 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._commands.put((lambda: self._abort(rid), concurrent.futures.Future()))
+
+    def _abort_when_added(self, added: concurrent.futures.Future) -> None:
+        if not added.cancelled() and added.exception() is None:
+            rid = added.result()
+            self._commands.put((lambda: self._abort(rid), concurrent.futures.Future()))
 
     def _abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -142,3 +170,8 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in batch:
+        q.put_nowait(item)

@@ -43,7 +43,7 @@ from swarmoe.server.protocol import (
     ModelCard,
     ModelList,
 )
-from swarmoe.text import Tokenizer
+from swarmoe.text import ChatTemplate, Tokenizer
 
 log = logging.getLogger("swarmoe.server")
 
@@ -78,7 +78,8 @@ class EngineClient(Protocol):
     def max_model_len(self) -> int: ...
 
     def generate(
-        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
+        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+        *, latest_only: bool = False,
     ) -> AsyncIterator[RequestOutput]: ...
 
     async def stats(self) -> dict[str, float]: ...
@@ -145,6 +146,7 @@ class _Server:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.metrics = Metrics()
+        self.template = ChatTemplate(tokenizer.chat_template)
         self.card = ModelCard(id=model_name, created=int(time.time()),
                               max_model_len=engine.max_model_len)
         specials = tokenizer.special_tokens
@@ -160,7 +162,8 @@ class _Server:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:
         self.check_model(req.model)
-        prepared = await asyncio.to_thread(chat_prompt, req, self.tokenizer, self.engine.config)
+        prepared = await asyncio.to_thread(chat_prompt, req, self.tokenizer, self.template,
+                                           self.engine.config)
         params = sampling_params(req, prepared.num_tokens, self.engine.max_model_len,
                                  stop_token_ids=self.chat_stop_ids)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -304,7 +307,7 @@ class _Server:
     ) -> list[tuple[RequestOutput, AsyncIterator[RequestOutput]]]:
         """Submit every job and wait for each first output, so that a prompt the engine
         refuses becomes a 400 before any response starts."""
-        streams = [self.engine.generate(p, sp, rid) for p, sp, rid in jobs]
+        streams = [self.engine.generate(p, sp, rid, latest_only=True) for p, sp, rid in jobs]
         firsts = await _until_disconnected(
             request, asyncio.gather(*(anext(s) for s in streams), return_exceptions=True),
             on_gone=lambda: _close_all(streams))

@@ -22,7 +22,7 @@ from swarmoe.server.protocol import (
     ImagePart,
     NamedToolChoice,
 )
-from swarmoe.text import ChatTemplateError, Tokenizer, expand_media_pads, render_chat
+from swarmoe.text import ChatTemplate, ChatTemplateError, Tokenizer, expand_media_pads, render_chat
 from swarmoe.text.chat import MEDIA_PAD
 from swarmoe.text.tool_parser import ARG_BEGIN, CALL_BEGIN, SECTION_BEGIN, THINK_CLOSE, THINK_OPEN
 
@@ -46,14 +46,18 @@ class ChatPrompt:
     thinking: bool | None
 
 
-def chat_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer, config: ModelConfig) -> ChatPrompt:
+def chat_prompt(
+    req: ChatCompletionRequest, tokenizer: Tokenizer, template: ChatTemplate, config: ModelConfig
+) -> ChatPrompt:
+    """`template` is compiled once per server: compiling costs ~15 ms, rendering ~0.1 ms."""
     messages, images = _messages(req)
     choice = req.tool_choice
     tools = None
     if req.tools and choice != "none":
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
     try:
-        text = render_chat(messages, tools=tools, tokenizer=tokenizer, **(req.chat_template_kwargs or {}))
+        text = render_chat(messages, tools=tools, template=template, tokenizer=tokenizer,
+                           **(req.chat_template_kwargs or {}))
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages") from None
     thinking = True if text.endswith(THINK_OPEN) else False if text.endswith(THINK_CLOSE) else None
