@@ -86,7 +86,7 @@ def page_title(lines: list[str], max_lines: int = 3) -> str:
 
 _STRUCTURAL = re.compile(
     r"^(?:(?P<part>part\s+[ivx]+\b)|(?P<item>item\s+\d+[a-z]?\b)|(?P<note>note\s+\d+\b)"
-    r"|(?P<num>\d+(?:\.\d+)*\.?\s+(?-i:[A-Z])))",
+    r"|(?P<num>\d{1,2}(?:\.\d{1,2})*\.?\s+(?-i:[A-Z])))",
     re.IGNORECASE,
 )
 
