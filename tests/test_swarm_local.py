@@ -95,3 +95,23 @@ def test_cli_run_takes_a_checkpoint_directory(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["stats"]["total_steps"] >= 1 and report["stats"]["prompt_tokens"] > 100
+
+
+def test_cli_run_with_files_gives_the_agents_document_tools(tmp_path):
+    from typer.testing import CliRunner
+
+    from swarmoe.cli import app
+
+    path = make_tiny_checkpoint(tmp_path / "tiny", seed=6)
+    doc = tmp_path / "notes.md"
+    doc.write_text("# Revenue\n\nRevenue grew to 12 million.\n")
+    base = ["run", "hello", "--model", str(path), "--json", "--runs-dir", str(tmp_path / "runs")]
+    plain = CliRunner().invoke(app, base)
+    with_doc = CliRunner().invoke(app, [*base, "--file", str(doc)])
+    assert plain.exit_code == 0 and with_doc.exit_code == 0, with_doc.output
+    tokens = [json.loads(r.output.strip().splitlines()[-1])["stats"]["prompt_tokens"] for r in (plain, with_doc)]
+    steps = [json.loads(r.output.strip().splitlines()[-1])["stats"]["total_steps"] for r in (plain, with_doc)]
+    # The document tools are declared and the document listed: the first prompt is longer.
+    assert tokens[1] / steps[1] > tokens[0] / steps[0]
+    missing = CliRunner().invoke(app, [*base, "--file", str(tmp_path / "nope.pdf")])
+    assert missing.exit_code == 2 and "nope.pdf" in missing.output

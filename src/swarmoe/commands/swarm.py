@@ -33,6 +33,9 @@ def run(
     mcp: Annotated[list[str] | None, typer.Option(
         "--mcp", help="An MCP server: a URL (streamable HTTP) or a command (stdio); repeatable.")
     ] = None,
+    file: Annotated[list[Path] | None, typer.Option(
+        "--file", help="A document (PDF, HTML, DOCX, Markdown, text) the agents may read; repeatable.")
+    ] = None,
     deadline: Annotated[float | None, typer.Option(help="Wall-clock limit in seconds.")] = None,
     resume: Annotated[str | None, typer.Option(
         help="Continue this run from its journal, redoing no finished call.")] = None,
@@ -62,6 +65,15 @@ def run(
             options["model"] = LLM(model)
         if tool:
             options["tools"] = [import_tool(ref) for ref in tool]
+        if file:
+            from swarmoe.docs.tools import DocumentTools
+
+            documents = DocumentTools(file)
+            options["tools"] = [*options.get("tools", []), *documents.tools()]
+            if task:
+                listing = "\n".join(f"* {d['doc']} ({d['kind']}, {d['pages']} pages)"
+                                     for d in documents.list_documents())
+                task = f"{task}\n\nDocuments (read them with the document tools):\n{listing}"
         if mcp:
             options["mcp_servers"] = [MCPTools(spec) for spec in mcp]
         if resume:
