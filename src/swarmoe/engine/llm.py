@@ -199,7 +199,7 @@ class LLM:
         work = self.scheduler.schedule()
         if not work:
             return []
-        logits = self.runner.step(work)
+        logits = self.runner.step(work).float().cpu()  # sampling (seeded generators) runs on the CPU
         moved: dict[str, None] = {}
         for row, w in zip(logits, work, strict=True):
             seq = w.seq
