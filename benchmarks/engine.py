@@ -56,7 +56,7 @@ from swarmoe.testing import make_tiny_checkpoint, tiny_config, write_tiny_tokeni
 # (a) and (c): a mid-size K2 layout (MLA with q_lora, 64 experts top-8, one shared, first layer
 # dense, 4 layers); ~170M parameters, stored bf16.
 MID = dict(hidden_size=1024, intermediate_size=2048, moe_intermediate_size=256, num_hidden_layers=4,
-           num_attention_heads=8, num_key_value_heads=8, n_routed_experts=64, num_experts_per_tok=8,
+           num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=8,
            q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)
 # (b): >= 1 GB of float32 weights read per decode token (32 experts top-8, hidden 2048).
 LARGE = dict(hidden_size=2048, intermediate_size=8192, moe_intermediate_size=1024, num_hidden_layers=4,

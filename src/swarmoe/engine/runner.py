@@ -121,63 +121,89 @@ class ModelRunner:
             x[at : at + embeds.shape[0]] = embeds.to(self.device, x.dtype)
         return x[None]
 
-    def _absorb_cheaper(self, w: Work) -> bool:
-        """Multiply-adds of attending over `w.end` positions with `w.end - w.start` queries:
-        expanding the latent per head against folding kv_b_proj into the queries."""
+    def _absorb_cheaper(self, w: Work, shared: int) -> bool:
+        """Multiply-adds per head of attending over `w.end` positions with `w.end - w.start`
+        queries: expanding the latent to per-head keys and values, against folding kv_b_proj into
+        the queries; `shared` leading positions are scored together with other sequences (their
+        cost there is left out: it is paid once for all of them)."""
         c = self.cfg
         tq, ctx = w.end - w.start, w.end
         fold = c.kv_lora_rank * (c.qk_nope_head_dim + c.v_head_dim)
         expanded = ctx * fold + tq * ctx * (c.qk_head_dim + c.v_head_dim)
-        absorbed = tq * fold + tq * ctx * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
+        absorbed = tq * fold + tq * (ctx - shared) * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
         return absorbed < expanded
+
+    def _groups(self, work: list[Work], candidates: list[int]) -> dict[int, tuple[list[int], list[int]]]:
+        """Items that share leading cache blocks: group id -> (items, shared block ids).
+
+        Sequences are grouped by their first cache block; a group shares the longest run of
+        blocks common to all its members that lies wholly before every member's new tokens.
+        """
+        bs = self.cache.block_size
+        by_first: dict[int, list[int]] = {}
+        for i in candidates:
+            if work[i].start >= bs:
+                by_first.setdefault(work[i].seq.block_table[0], []).append(i)
+        groups = {}
+        for first_block, members in by_first.items():
+            if len(members) < 2:
+                continue
+            tables = [work[i].seq.block_table for i in members]
+            limit = min(work[i].start // bs for i in members)
+            common = 0
+            first = tables[0]
+            while common < limit and all(t[common] == first[common] for t in tables):
+                common += 1
+            if common:
+                groups[first_block] = (members, first[:common])
+        return groups
 
     def _plan(self, work: list[Work]) -> _Plan:
         bs = self.cache.block_size
         dev = self.device
         write: list[int] = []
-        expanded = []
-        absorbed: list[int] = []
-        offset = 0
         spans = []
-        for i, w in enumerate(work):
+        offset = 0
+        for w in work:
             table = w.seq.block_table
             write.extend(table[p // bs] * bs + p % bs for p in range(w.start, w.end))
             spans.append(offset)
-            if w.is_decode or self._absorb_cheaper(w):
-                absorbed.append(i)
-            else:
-                slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(w.end)], device=dev)
-                expanded.append((offset, offset + w.end - w.start, slots, w.start, w.end))
             offset += w.end - w.start
+        groups = self._groups(work, list(range(len(work))))
+        shared = [0] * len(work)
+        for members, blocks in groups.values():
+            for i in members:
+                shared[i] = len(blocks) * bs
+        absorbed = [i for i, w in enumerate(work) if w.is_decode or self._absorb_cheaper(w, shared[i])]
+        if len(absorbed) < len(work):  # expanded items leave their groups
+            groups = self._groups(work, absorbed)
+        expanded = []
+        for i in sorted(set(range(len(work))) - set(absorbed)):
+            w, table = work[i], work[i].seq.block_table
+            slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(w.end)], device=dev)
+            expanded.append((spans[i], spans[i] + w.end - w.start, slots, w.start, w.end))
         plan = _Plan(torch.tensor(write, device=dev), expanded)
         if absorbed:
-            self._plan_absorbed(plan, [work[i] for i in absorbed], [spans[i] for i in absorbed])
+            self._plan_absorbed(plan, work, absorbed, spans, groups)
         return plan
 
-    def _plan_absorbed(self, plan: _Plan, items: list[Work], spans: list[int]) -> None:
+    def _plan_absorbed(
+        self, plan: _Plan, work: list[Work], absorbed: list[int], spans_all: list[int],
+        by_item: dict[int, tuple[list[int], list[int]]],
+    ) -> None:
         """Rows, private keys and shared-prefix groups of the absorbed items."""
         bs = self.cache.block_size
         dev = self.device
-        # Group sequences by their first cache block; a group shares the longest run of blocks
-        # common to all its members that lies wholly before every member's new tokens.
-        by_first: dict[int, list[int]] = {}
-        for j, w in enumerate(items):
-            if w.start >= bs:
-                by_first.setdefault(w.seq.block_table[0], []).append(j)
+        index = {i: j for j, i in enumerate(absorbed)}
+        items = [work[i] for i in absorbed]
+        spans = [spans_all[i] for i in absorbed]
         shared_blocks = [0] * len(items)
         groups: list[tuple[list[int], list[int]]] = []
-        for members in by_first.values():
-            if len(members) < 2:
-                continue
-            tables = [items[j].seq.block_table for j in members]
-            limit = min(items[j].start // bs for j in members)
-            common = 0
-            first = tables[0]
-            while common < limit and all(t[common] == first[common] for t in tables):
-                common += 1
-            for j in members:
-                shared_blocks[j] = common
-            groups.append((members, first[:common]))
+        for members, blocks in by_item.values():
+            local = [index[i] for i in members]
+            for j in local:
+                shared_blocks[j] = len(blocks)
+            groups.append((local, blocks))
         # Private keys: positions [shared, end) of each item, padded to the longest.
         starts = [shared_blocks[j] * bs for j in range(len(items))]
         width = max(w.end - s for w, s in zip(items, starts, strict=True))
@@ -285,39 +311,77 @@ class ModelRunner:
         if not plan.groups:
             probs = torch.softmax(scores, dim=-1).to(q.dtype)
             context = torch.bmm(probs, keys[..., :lora])  # [R, H, lora]
-        else:
-            context = self._merge_shared(q, scores, keys[..., :lora], store, plan)
-        out = torch.bmm(context.transpose(0, 1), w_uv_t)  # [H, R, v]
-        return out.transpose(0, 1).reshape(rows, heads * c.v_head_dim)
-
-    def _merge_shared(
-        self, q: torch.Tensor, scores: torch.Tensor, private: torch.Tensor, store: torch.Tensor, plan: _Plan
-    ) -> torch.Tensor:
-        """Context over (shared prefix of the row's group) + (its own keys), by log-sum-exp."""
-        lora = self.cfg.kv_lora_rank
-        heads = q.shape[1]
+            out = torch.bmm(context.transpose(0, 1), w_uv_t)  # [H, R, v]
+            return out.transpose(0, 1).reshape(rows, heads * c.v_head_dim)
+        # Private part, unnormalised, then each group's shared prefix merged in by log-sum-exp.
         peak = scores.amax(-1, keepdim=True)  # finite: every row sees its own position
         weights = torch.exp(scores - peak)
         total = weights.sum(-1, keepdim=True)
-        context = torch.bmm(weights.to(q.dtype), private).float()  # [R, H, lora], unnormalised
-        for g in plan.groups or []:
-            keys = store[g.slots]
-            if keys.dtype != q.dtype:
-                keys = keys.to(q.dtype)
-            qg = q if g.rows is None else q.index_select(0, g.rows)
-            n = qg.shape[0]
-            s = (qg.reshape(n * heads, -1) @ keys.t()).float().view(n, heads, -1)  # [Rg, H, S]
-            peak_g = s.amax(-1, keepdim=True)
-            w = torch.exp(s - peak_g)
-            ctx_g = (w.to(q.dtype).view(n * heads, -1) @ keys[:, :lora]).float().view(n, heads, lora)
+        context = torch.bmm(weights.to(q.dtype), keys[..., :lora])  # [R, H, lora]
+        out = torch.bmm(context.transpose(0, 1), w_uv_t).transpose(0, 1).float()  # [R, H, v]
+        for g in plan.groups:
+            shared = store[g.slots]
+            if shared.dtype != q.dtype:
+                shared = shared.to(q.dtype)
             if g.rows is None:
-                top = torch.maximum(peak, peak_g)
-                a, b = torch.exp(peak - top), torch.exp(peak_g - top)
-                context = context * a + ctx_g * b
-                total = total * a + w.sum(-1, keepdim=True) * b
+                part = self._shared_part(attn, shared, q, q_nope, q_rope, w_uv_t)
+                top = torch.maximum(peak, part[0])
+                a, b = torch.exp(peak - top), torch.exp(part[0] - top)
+                out = out * a + part[2] * b
+                total = total * a + part[1] * b
                 continue
-            top = torch.maximum(peak[g.rows], peak_g)
-            a, b = torch.exp(peak[g.rows] - top), torch.exp(peak_g - top)
-            context[g.rows] = context[g.rows] * a + ctx_g * b
-            total[g.rows] = total[g.rows] * a + w.sum(-1, keepdim=True) * b
-        return (context / total).to(q.dtype)
+            part = self._shared_part(attn, shared, q.index_select(0, g.rows), q_nope[:, g.rows],
+                                     q_rope[:, g.rows], w_uv_t)
+            top = torch.maximum(peak[g.rows], part[0])
+            a, b = torch.exp(peak[g.rows] - top), torch.exp(part[0] - top)
+            out[g.rows] = out[g.rows] * a + part[2] * b
+            total[g.rows] = total[g.rows] * a + part[1] * b
+        return (out / total).to(q.dtype).reshape(rows, heads * c.v_head_dim)
+
+    def _shared_part(
+        self, attn: MLAttention, shared: torch.Tensor, q: torch.Tensor, q_nope: torch.Tensor,
+        q_rope: torch.Tensor, w_uv_t: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows [Rg] over the S shared cache entries `shared` [S, lora + rope]: (peak [Rg,H,1],
+        sum of exp(score - peak) [Rg,H,1], unnormalised output [Rg,H,v]), all float32.
+
+        Absorbed, a (row, head) pays 2*lora + rope per key; expanding the S latents once costs
+        lora * (nope + v) per key and head, after which a (row, head) pays nope + rope + v.
+        Many rows (a prefill chunk per sequence) make expanding cheaper, decode rows do not.
+        """
+        c = self.cfg
+        lora, heads, n = c.kv_lora_rank, c.num_attention_heads, q.shape[0]
+        s_len = shared.shape[0]
+        absorbed = n * (2 * lora + c.qk_rope_head_dim)
+        expanded = lora * (c.qk_nope_head_dim + c.v_head_dim) + n * (c.qk_head_dim + c.v_head_dim)
+        if absorbed <= expanded:
+            s = (q.reshape(n * heads, -1) @ shared.t()).float().view(n, heads, s_len)
+            peak = s.amax(-1, keepdim=True)
+            w = torch.exp(s - peak)
+            ctx = (w.to(q.dtype).view(n * heads, s_len) @ shared[:, :lora]).view(n, heads, lora)
+            out = torch.bmm(ctx.transpose(0, 1), w_uv_t).transpose(0, 1)
+            return peak, w.sum(-1, keepdim=True), out.float()
+        latent, k_rope = shared.split([lora, c.qk_rope_head_dim], dim=-1)
+        kv = attn.kv_b_proj(latent).view(s_len, heads, -1).transpose(0, 1)  # [H, S, nope + v]
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        if _FLASH_CPU is not None and q.device.type == "cpu":
+            # Fused attention that also returns the log-sum-exp: as (peak=lse, sum=1, out).
+            k = torch.cat([k_nope, k_rope[None].expand(heads, -1, -1)], dim=-1)
+            qf = torch.cat([q_nope, q_rope], dim=-1)
+            pad = qf.shape[-1] - v.shape[-1]  # the kernel wants one head size for q, k and v
+            vp = F.pad(v, (0, pad)) if pad > 0 else v
+            if pad >= 0:
+                out, lse = _FLASH_CPU(qf[None], k[None], vp[None], 0.0, False, scale=attn.scale)[:2]
+                peak = lse[0].transpose(0, 1)[..., None].float()  # [Rg, H, 1]
+                out = out[0, ..., : c.v_head_dim].transpose(0, 1).float()
+                return peak, torch.ones_like(peak), out
+        s = torch.bmm(q_nope, k_nope.transpose(1, 2)) + (q_rope @ k_rope.t())  # [H, Rg, S]
+        s = (s * attn.scale).float().transpose(0, 1)  # [Rg, H, S]
+        peak = s.amax(-1, keepdim=True)
+        w = torch.exp(s - peak)
+        out = torch.bmm(w.transpose(0, 1).to(v.dtype), v).transpose(0, 1)  # [Rg, H, v]
+        return peak, w.sum(-1, keepdim=True), out.float()
+
+
+# CPU flash attention with its log-sum-exp (a private ATen op; absent -> the unfused path).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
