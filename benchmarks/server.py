@@ -2,13 +2,16 @@
 prompts, in the same run.
 
 The server runs in a subprocess (as users run it) on a tiny random checkpoint; the official
-openai client streams every chat at once. The peer is the offline engine in this process with
+openai client streams every chat at once. CPU seconds of the server process, of this process
+(the client) and of the direct run say where the time goes. The peer is the offline engine in this process with
 identical prompt ids and sampling settings, stepped from a worker thread as the server's engine
 thread steps it (torch's intra-op pool behaves very differently in the main thread on a busy
-machine), with the same torch thread count. Runs alternate and the best wall time of each side
-is kept, since the machine is shared. Prints one JSON line.
+machine), with the same torch thread count; both are warmed up, prefix cache included. The
+sides alternate; `overhead` is the median over rounds of server wall / direct wall - 1 (rounds
+are adjacent in time, which matters on a shared machine), and the `best_*` fields compare the
+best run of each side. Prints one JSON line.
 
-    .venv/bin/python benchmarks/server.py [--requests 100] [--max-tokens 32] [--rounds 3]
+    .venv/bin/python benchmarks/server.py [--size tiny|small] [--requests 100] [--max-tokens 32]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -28,11 +32,17 @@ from pathlib import Path
 
 import httpx
 import openai
-import torch
+import psutil
 
-from swarmoe import LLM, SamplingParams
-from swarmoe.testing import make_tiny_checkpoint
-from swarmoe.text import encode_chat
+# Before torch starts its OpenMP pool: idle workers sleep instead of spinning, so neither side
+# burns the other's cores between steps on a shared machine (the server inherits the setting).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from swarmoe import LLM, SamplingParams  # noqa: E402
+from swarmoe.testing import make_tiny_checkpoint  # noqa: E402
+from swarmoe.text import encode_chat  # noqa: E402
 
 MODEL = "tiny"
 # --size small: the same random layout with wider, deeper layers, so that an engine step costs
@@ -58,16 +68,20 @@ def run_direct(llm: LLM, messages: list, max_tokens: int) -> dict[str, float]:
                             stop_token_ids=[tok.special("<|im_end|>")])
     outs: list = []
     worker = threading.Thread(target=lambda: outs.extend(llm.generate(prompts, params)))
+    cpu = _rusage_cpu(resource.getrusage(resource.RUSAGE_SELF))
     start = time.perf_counter()
     worker.start()
     worker.join()
     wall = time.perf_counter() - start
+    cpu = _rusage_cpu(resource.getrusage(resource.RUSAGE_SELF)) - cpu
     ttft = sorted(o.metrics["time_to_first_token"] for o in outs)
-    return {"wall_s": wall, "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+    return {"wall_s": wall, "cpu_s": cpu, "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
             "ttft_p50_s": statistics.median(ttft)}
 
 
-async def run_server(client: openai.AsyncOpenAI, messages: list, max_tokens: int) -> dict[str, float]:
+async def run_openai(client: openai.AsyncOpenAI, messages: list, max_tokens: int) -> dict[str, float]:
+    """End to end, as an application sees it: the official client parses every chunk."""
+
     async def one(m: list) -> tuple[float, int]:
         sent = time.perf_counter()
         first = None
@@ -83,8 +97,12 @@ async def run_server(client: openai.AsyncOpenAI, messages: list, max_tokens: int
                 tokens = chunk.usage.completion_tokens
         return (first if first is not None else time.perf_counter() - sent), tokens
 
+    return await _timed([one(m) for m in messages])
+
+
+async def _timed(calls: list) -> dict[str, float]:
     start = time.perf_counter()
-    results = await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
+    results = await asyncio.gather(*calls, return_exceptions=True)
     wall = time.perf_counter() - start
     errors = [r for r in results if isinstance(r, BaseException)]
     done = [r for r in results if not isinstance(r, BaseException)]
@@ -116,16 +134,31 @@ def start_server(path: Path, port: int, max_num_seqs: int, threads: int) -> subp
         time.sleep(0.2)
 
 
-async def rounds(base: str, llm: LLM, messages: list, args: argparse.Namespace) -> tuple[list, list]:
+async def rounds(
+    base: str, llm: LLM, server: psutil.Process, messages: list, args: argparse.Namespace
+) -> tuple[list, list]:
     """Alternate the two sides; one client keeps its connections, as a real client would."""
     client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=600)
-    await run_server(client, messages, 2)  # warm-up: opens the connections
+    await run_openai(client, messages, 2)  # warm-up: opens the connections
     direct, served = [], []
     for _ in range(args.rounds):
         direct.append(run_direct(llm, messages, args.max_tokens))
-        served.append(await run_server(client, messages, args.max_tokens))
+        before = (server.cpu_times(), resource.getrusage(resource.RUSAGE_SELF))
+        result = await run_openai(client, messages, args.max_tokens)
+        after = (server.cpu_times(), resource.getrusage(resource.RUSAGE_SELF))
+        result["server_cpu_s"] = _cpu(after[0]) - _cpu(before[0])
+        result["client_cpu_s"] = _rusage_cpu(after[1]) - _rusage_cpu(before[1])
+        served.append(result)
     await client.close()
     return direct, served
+
+
+def _cpu(times) -> float:
+    return times.user + times.system
+
+
+def _rusage_cpu(usage) -> float:
+    return usage.ru_utime + usage.ru_stime
 
 
 def free_port() -> int:
@@ -138,7 +171,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each side")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating runs of each side")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="torch intra-op threads, the same on both sides")
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny",
@@ -151,12 +184,12 @@ def main() -> None:
         path = args.checkpoint or make_tiny_checkpoint(Path(tmp) / "ckpt", seed=0, **SIZES[args.size])
         messages = chats(args.requests)
         llm = LLM(path, max_num_seqs=args.requests)
-        run_direct(llm, messages[:4], 4)  # warm-up
+        run_direct(llm, messages, 2)  # warm-up, as the server gets (the prefix cache included)
         port = free_port()
         proc = start_server(path, port, args.requests, args.threads)
         base = f"http://127.0.0.1:{port}/v1"
         try:
-            direct, served = asyncio.run(rounds(base, llm, messages, args))
+            direct, served = asyncio.run(rounds(base, llm, psutil.Process(proc.pid), messages, args))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -169,10 +202,12 @@ def main() -> None:
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "torch_threads": args.threads,
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "loadavg_1m": round(os.getloadavg()[0], 2),
         "errors": sum(r["errors"] for r in served),
         "first_error": next((r["first_error"] for r in served if r["first_error"]), None),
-        "server_wall_s": round(best_served["wall_s"], 3),
-        "direct_wall_s": round(best_direct["wall_s"], 3),
+        "best_server_wall_s": round(best_served["wall_s"], 3),
+        "best_direct_wall_s": round(best_direct["wall_s"], 3),
         "server_tokens": best_served["tokens"],
         "direct_tokens": best_direct["tokens"],
         "server_tokens_per_s": round(best_served["tokens"] / best_served["wall_s"], 1),
@@ -180,11 +215,25 @@ def main() -> None:
         "ttft_p50_s": round(best_served["ttft_p50_s"], 3),
         "ttft_p99_s": round(best_served["ttft_p99_s"], 3),
         "direct_ttft_p50_s": round(best_direct["ttft_p50_s"], 3),
-        "overhead": round(best_served["wall_s"] / best_direct["wall_s"] - 1, 3),
-        "all_rounds_overhead": [round(s["wall_s"] / d["wall_s"] - 1, 3)
-                                for s, d in zip(served, direct, strict=True)],
+        "overhead": _median_ratio(served, direct),
+        "rounds_overhead": [round(s["wall_s"] / d["wall_s"] - 1, 3)
+                            for s, d in zip(served, direct, strict=True)],
+        "best_overhead": round(best_served["wall_s"] / best_direct["wall_s"] - 1, 3),
+        "median_cpu_s": {
+            "server_process": _median(served, "server_cpu_s"),
+            "client_process": _median(served, "client_cpu_s"),
+            "direct": _median(direct, "cpu_s"),
+        },
     }
     print(json.dumps(result))
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return round(statistics.median(r[key] for r in runs), 3)
+
+
+def _median_ratio(side: list[dict], direct: list[dict]) -> float:
+    return round(statistics.median(s["wall_s"] / d["wall_s"] for s, d in zip(side, direct, strict=True)) - 1, 3)
 
 
 if __name__ == "__main__":

@@ -174,23 +174,13 @@ class _Server:
         created = int(time.time())
 
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-            def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
-                body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk",
-                                        "created": created, "model": self.model_name,
-                                        "choices": choices}
-                if include_usage:
-                    body["usage"] = usage
-                return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
-
+            chunk = _Chunker(rid, "chat.completion.chunk", created, self.model_name, req)
             lasts = [first]
 
             async def events() -> AsyncIterator[bytes]:
                 streams: dict[int, ChatStream] = {}
-                for i in range(req.n):
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}])
+                parts = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None}]) for i in range(req.n)]
                 async for out in _chain(first, outputs):
                     lasts[0] = out
                     for c in out.outputs:
@@ -207,11 +197,15 @@ class _Server:
                             s.tokens_sent = len(c.token_ids)
                         done = c.finish_reason is not None
                         if delta or lp or done:
-                            yield chunk([{"index": c.index, "delta": delta, "logprobs": lp,
-                                          "finish_reason": finish_reason(c.finish_reason, s.has_calls)
-                                          if done else None}])
-                if include_usage:
-                    yield chunk([], _usage(lasts))
+                            parts.append(chunk([{
+                                "index": c.index, "delta": delta, "logprobs": lp,
+                                "finish_reason": finish_reason(c.finish_reason, s.has_calls)
+                                if done else None}]))
+                    if out.finished:
+                        parts.append(chunk.end(_usage(lasts)))
+                    if parts:  # one write per engine step, whatever it carries
+                        yield b"".join(parts)
+                        parts = []
 
             return self._stream(events(), [outputs], lasts)
 
@@ -251,22 +245,15 @@ class _Server:
         top = req.logprobs or 0
 
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-            def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
-                body: dict[str, Any] = {"id": base, "object": "text_completion",
-                                        "created": created, "model": self.model_name,
-                                        "choices": choices}
-                if include_usage:
-                    body["usage"] = usage
-                return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
-
+            chunk = _Chunker(base, "text_completion", created, self.model_name, req)
             lasts = [first for first, _ in opened]
 
             async def events() -> AsyncIterator[bytes]:
                 streams: dict[int, TextStream] = {}
+                unfinished = len(opened)
                 async for p, out in _merge([_chain(f, o) for f, o in opened]):
                     lasts[p] = out
+                    parts = []
                     for c in out.outputs:
                         index = p * req.n + c.index
                         s = streams.setdefault(index, TextStream(holdback))
@@ -279,10 +266,13 @@ class _Server:
                             s.tokens_sent = len(c.token_ids)
                         done = c.finish_reason is not None
                         if piece or lp or done:
-                            yield chunk([{"index": index, "text": piece, "logprobs": lp,
-                                          "finish_reason": c.finish_reason if done else None}])
-                if include_usage:
-                    yield chunk([], _usage(lasts))
+                            parts.append(chunk([{"index": index, "text": piece, "logprobs": lp,
+                                                 "finish_reason": c.finish_reason if done else None}]))
+                    unfinished -= out.finished
+                    if not unfinished:
+                        parts.append(chunk.end(_usage(lasts)))
+                    if parts:
+                        yield b"".join(parts)
 
             return self._stream(events(), [stream for _, stream in opened], lasts)
 
@@ -335,10 +325,10 @@ class _Server:
             try:
                 async for data in events:
                     yield data
-                yield b"data: [DONE]\n\n"
             except Exception as exc:  # the response has begun: report in-band, keep serving
                 log.error("stream failed: %r", exc, exc_info=not isinstance(exc, RuntimeError))
-                yield b"data: " + error_bytes(500, "generation failed; see the server log") + b"\n\n"
+                yield (b"data: " + error_bytes(500, "generation failed; see the server log")
+                       + b"\n\n" + _DONE)
             finally:
                 await _close_all(streams)
                 self._count(lasts)
@@ -348,6 +338,29 @@ class _Server:
 
     def _count(self, outputs: list[RequestOutput]) -> None:
         self.metrics.generation_tokens.inc(sum(len(c.token_ids) for o in outputs for c in o.outputs))
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+class _Chunker:
+    """Server-sent events of one streamed response (`chat.completion.chunk` or
+    `text_completion` objects); `usage` is present, null until the end, when it was asked for."""
+
+    def __init__(self, rid: str, kind: str, created: int, model: str,
+                 req: ChatCompletionRequest | CompletionRequest) -> None:
+        self.head = {"id": rid, "object": kind, "created": created, "model": model}
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def __call__(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        body: dict[str, Any] = {**self.head, "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+    def end(self, usage: dict[str, int]) -> bytes:
+        """The closing events: the usage chunk when asked for, then [DONE]."""
+        return (self([], usage) if self.include_usage else b"") + _DONE
 
 
 def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
