@@ -16,6 +16,7 @@ import time
 import httpx
 import openai
 import pytest
+from PIL import Image
 
 from swarmoe import LLM, SamplingParams
 from swarmoe.engine.async_engine import AsyncEngine
@@ -141,8 +142,6 @@ def test_named_tool_choice_with_the_real_engine(client):
 
 
 def test_image_data_url_reaches_the_vision_tower(client):
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.new("RGB", (56, 56), (10, 200, 90)).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -3,11 +3,14 @@ and the server keeps serving afterwards (each test ends with a good request)."""
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import AsyncIterator
 
 import httpx
 import openai
 import pytest
+from PIL import Image
 
 from swarmoe import LLM
 from swarmoe.engine.async_engine import AsyncEngine
@@ -122,11 +125,6 @@ def test_images_are_refused_clearly(client):
         ask("data:image/png;base64,@@@")
     with pytest.raises(openai.BadRequestError, match="could not be decoded"):
         ask("data:image/png;base64,aGVsbG8=")
-    import base64
-    import io
-
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.new("RGB", (28, 28)).save(buf, format="PNG")
     with pytest.raises(openai.BadRequestError, match="no vision tower"):

@@ -8,11 +8,14 @@ with this double; the real engine's plumbing is tested in test_server_api.py.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 from collections.abc import AsyncIterator, Callable
 
 import openai
 import pytest
+from PIL import Image
 
 from swarmoe.config import load_config
 from swarmoe.engine.llm import CompletionOutput, RequestOutput
@@ -255,11 +258,6 @@ def test_n_choices_stream_separately(scripted):
 
 
 def test_image_parts_become_media_tokens(scripted):
-    import base64
-    import io
-
-    from PIL import Image
-
     engine, client = scripted
     engine.reply = lambda _: "</think>an image"
     buf = io.BytesIO()
@@ -270,3 +268,14 @@ def test_image_parts_become_media_tokens(scripted):
     assert r.choices[0].message.content == "an image"
     # 56x84 px -> 4x6 patches of 14 -> 2x3 merged tokens.
     assert engine.prompts[-1].count("<|media_pad|>") == 6
+
+
+def test_media_markers_written_in_text_are_refused_not_crashed(scripted):
+    _, client = scripted
+    buf = io.BytesIO()
+    Image.new("RGB", (28, 28)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    with pytest.raises(openai.BadRequestError, match="media"):
+        client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "look: <|media_pad|>"},
+            {"type": "image_url", "image_url": {"url": url}}]}])

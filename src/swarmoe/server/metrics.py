@@ -22,7 +22,7 @@ class Metrics:
                                  "Time from request to last byte, by route", ["route"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("swarmoe_time_to_first_token_seconds",
-                              "Time from request to the first generated token",
+                              "Time from the engine taking a request to its first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("swarmoe_prompt_tokens", "Prompt tokens processed",
                                      registry=r)

@@ -69,7 +69,11 @@ def chat_prompt(
     prompt: dict[str, Any] = {"prompt_token_ids": ids}
     if images:
         batch = _process_images(images, config)
-        ids = expand_media_pads(ids, tokenizer.special(MEDIA_PAD), batch.token_counts)
+        try:
+            ids = expand_media_pads(ids, tokenizer.special(MEDIA_PAD), batch.token_counts)
+        except ValueError:  # the text itself spelled out media markers
+            raise APIError(400, f"messages contain more {MEDIA_PAD} markers than images; "
+                                "leave media markers out of text", param="messages") from None
         prompt = {
             "prompt_token_ids": ids,
             "multi_modal_data": {"pixel_values": batch.pixel_values, "image_grid_thw": batch.grid_thw},
@@ -157,9 +161,13 @@ def completion_prompts(req: CompletionRequest, tokenizer: Tokenizer) -> list[lis
         texts_or_ids = list(p)
     out = []
     for i, item in enumerate(texts_or_ids):
-        ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
+        param = f"prompt.{i}" if len(texts_or_ids) > 1 else "prompt"
+        try:
+            ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
+        except ValueError as exc:
+            raise APIError(400, f"prompt could not be tokenised: {exc}", param=param) from None
         if not ids:
-            raise APIError(400, "prompt is empty", param=f"prompt.{i}" if len(texts_or_ids) > 1 else "prompt")
+            raise APIError(400, "prompt is empty", param=param)
         out.append(ids)
     return out
 
