@@ -160,35 +160,45 @@ def part_a(args: argparse.Namespace, bw: Bandwidth) -> dict[str, Any]:
     hf.generation_config.eos_token_id = None  # exactly `new` tokens, as ignore_eos does for us
     vocab = hf.config.vocab_size
     n, prefix_len, suffix_len, new = args.a_requests, args.a_prefix, args.a_suffix, args.a_new
-    total_tokens = n * (prefix_len + suffix_len + new)
-    kw = dict(max_num_seqs=n, max_num_batched_tokens=2048, max_model_len=2 * total_tokens // n)
-    ours = {
-        "float32": LLM(path, dtype="float32", cache_memory_gb=0.5, **kw),
-        "bf16-cache": LLM(path, dtype="float32", cache_memory_gb=0.5, kv_cache_dtype="bfloat16", **kw),
-    }
+    kw = dict(max_num_seqs=n, max_num_batched_tokens=2048, max_model_len=2 * (prefix_len + suffix_len + new),
+              cache_memory_gb=0.5)
+    ours = LLM(path, dtype="float32", **kw)
+    ours_bf16 = LLM(path, dtype="float32", kv_cache_dtype="bfloat16", **kw)
     g = torch.Generator().manual_seed(1)
-    times: dict[str, list[float]] = {"transformers": [], **{k: [] for k in ours}}
+
+    def prompts() -> list[list[int]]:  # a fresh prefix each time: no run reuses another's cache
+        prefix = random_ids(prefix_len, vocab, g)
+        return [prefix + random_ids(suffix_len, vocab, g) for _ in range(n)]
+
+    for llm in (ours, ours_bf16):  # one full-size batch: the allocator and caches settle
+        ours_generate(llm, prompts(), new)
+    warm = prompts()
+    hf_generate(hf, [p[:8] for p in warm[:2]], 2, pad_id=0)  # a tiny one: its runs take minutes
+    times: dict[str, list[float]] = {"transformers": [], "float32": [], "bf16-cache": []}
     mem: dict[str, int] = {}
     agree: dict[str, float] = {}
-    for rep in range(args.a_reps + 1):  # repeat 0 warms up and is not timed
-        prefix = random_ids(prefix_len, vocab, g)
-        prompts = [prefix + random_ids(suffix_len, vocab, g) for _ in range(n)]
-        if rep == 0:
-            for llm in ours.values():
-                ours_generate(llm, [p[:8] for p in prompts[:2]], 2)
-            continue
+
+    def timed(name: str, fn: Any) -> Any:
         gc.collect()
         t0 = time.perf_counter()
-        ref, mem["transformers"] = hf_generate(hf, prompts, new, pad_id=0)
-        times["transformers"].append(time.perf_counter() - t0)
-        for name, llm in ours.items():
-            gc.collect()
-            t0 = time.perf_counter()
-            got, mem[name] = ours_generate(llm, prompts, new)
-            times[name].append(time.perf_counter() - t0)
-            agree[name] = sum(a == b for a, b in zip(got, ref, strict=True)) / n
-        print(json.dumps({"a_repeat": rep, **{k: round(v[-1], 2) for k, v in times.items()}}),
-              file=sys.stderr, flush=True)
+        result = fn()
+        times[name].append(time.perf_counter() - t0)
+        print(json.dumps({"a_run": name, "wall_s": round(times[name][-1], 2)}), file=sys.stderr, flush=True)
+        return result
+
+    # Each transformers run (minutes) is bracketed by swarmoe runs, so that a change of load on
+    # the shared machine reaches both sides; the run just before it has the same prompts.
+    for _ in range(args.a_reps):
+        batch = prompts()
+        got, mem["float32"] = timed("float32", lambda b=batch: ours_generate(ours, b, new))
+        ref, mem["transformers"] = timed("transformers", lambda b=batch: hf_generate(hf, b, new, pad_id=0))
+        agree["float32"] = sum(a == b for a, b in zip(got, ref, strict=True)) / n
+        if not times["bf16-cache"]:
+            got16, mem["bf16-cache"] = timed("bf16-cache", lambda b=batch: ours_generate(ours_bf16, b, new))
+            agree["bf16-cache"] = sum(a == b for a, b in zip(got16, ref, strict=True)) / n
+    for _ in range(2):
+        batch = prompts()
+        timed("float32", lambda b=batch: ours_generate(ours, b, new))
     generated = n * new
     tps = {k: generated / median(v) for k, v in times.items()}
     return {
@@ -292,45 +302,52 @@ def part_c(args: argparse.Namespace, bw: Bandwidth) -> dict[str, Any]:
     total = expert_weight_bytes(path)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(3)
-    # Two batches of distinct random prompts: the first warms the expert cache, the second is
-    # timed. Seeded sampling, so that routing does not settle into a greedy loop on this random
-    # model; seeds make the tokens comparable across budgets.
+    # Batches of distinct random prompts: the first warms the expert caches, the others are
+    # timed, round-robin over the budgets. Seeded sampling, so that routing does not settle into
+    # a greedy loop on this random model; the seeds make tokens comparable across budgets.
     batches = [[{"prompt_token_ids": random_ids(args.c_prompt, vocab, g)} for _ in range(args.c_batch)]
-               for _ in range(2)]
+               for _ in range(1 + args.c_reps)]
     params = [SamplingParams(temperature=1.0, max_tokens=args.c_new, ignore_eos=True, seed=i)
               for i in range(args.c_batch)]
-    rows = []
-    reference = None
-    for fraction in (None, 1.0, 0.5, 0.25):
+    fractions = (None, 1.0, 0.5, 0.25)
+    llms = []
+    for fraction in fractions:
         budget = None if fraction is None else (fraction * total + 4096) / 1e9
         llm = LLM(path, dtype="float32", expert_memory_gb=budget, max_num_seqs=args.c_batch, cache_memory_gb=0.2)
         llm.generate(batches[0], params)
         if llm.expert_cache is not None:
             c = llm.expert_cache
             c.hits = c.misses = c.bytes_loaded = 0
-        t0 = time.perf_counter()
-        outs = llm.generate(batches[1], params)
-        wall = time.perf_counter() - t0
-        toks = [o.outputs[0].token_ids for o in outs]
-        reference = reference or toks
+        llms.append(llm)
+    walls: list[list[float]] = [[] for _ in fractions]
+    tokens: list[list[list[int]]] = [[] for _ in fractions]
+    for batch in batches[1:]:
+        for i, llm in enumerate(llms):
+            gc.collect()
+            t0 = time.perf_counter()
+            outs = llm.generate(batch, params)
+            walls[i].append(time.perf_counter() - t0)
+            tokens[i] += [o.outputs[0].token_ids for o in outs]
+    rows = []
+    for fraction, llm, wall, toks in zip(fractions, llms, walls, tokens, strict=True):
         stats = llm.stats()
         rows.append({
             "budget": "resident" if fraction is None else f"{int(fraction * 100)}%",
-            "expert_memory_gb": None if budget is None else round(budget, 4),
-            "tokens_per_s": round(args.c_batch * args.c_new / wall, 2),
+            "expert_memory_gb": None if fraction is None else round(stats["expert_budget_bytes"] / 1e9, 4),
+            "tokens_per_s": round(args.c_batch * args.c_new / median(wall), 2),
             "hit_rate": None if fraction is None else round(stats["expert_hit_rate"], 3),
             "gb_loaded": None if fraction is None else round(stats["expert_bytes_loaded"] / 1e9, 3),
-            "tokens_identical": toks == reference,
+            "resident_gb": None if fraction is None else round(stats["expert_resident_bytes"] / 1e9, 4),
+            "tokens_identical": toks == tokens[0],
         })
-        del llm
-        gc.collect()
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["vs_resident"] = round(r["tokens_per_s"] / base, 3)
     return {
         "part": "c",
         "workload": f"batch {args.c_batch}, {args.c_prompt}-token random prompts, {args.c_new} new tokens "
-                    "(seeded sampling), float32 compute, INT4 experts; a warm-up batch first",
+                    f"(seeded sampling), float32 compute, INT4 experts; a warm-up batch, then {args.c_reps} "
+                    "timed batches round-robin over the budgets",
         "expert_weight_gb": round(total / 1e9, 3),
         "rows": rows,
     }
@@ -346,12 +363,13 @@ def main() -> None:
     p.add_argument("--a-prefix", type=int, default=512)
     p.add_argument("--a-suffix", type=int, default=16)
     p.add_argument("--a-new", type=int, default=32)
-    p.add_argument("--a-reps", type=int, default=2)
+    p.add_argument("--a-reps", type=int, default=1, help="transformers runs (each takes minutes)")
     p.add_argument("--b-prompt", type=int, default=64)
-    p.add_argument("--b-steps", type=int, default=16)
+    p.add_argument("--b-steps", type=int, default=32)
     p.add_argument("--c-batch", type=int, default=4)
     p.add_argument("--c-prompt", type=int, default=32)
     p.add_argument("--c-new", type=int, default=48)
+    p.add_argument("--c-reps", type=int, default=3)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "engine.jsonl")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
