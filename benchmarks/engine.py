@@ -1,26 +1,33 @@
 """The engine against its peers, in the same run: issue 3's benchmark line.
 
 (a) 64 requests sharing a 512-token prefix (plus a 16-token suffix of their own), 32 new tokens
-    each, greedy, on a mid-size random K2-layout checkpoint: swarmoe's `LLM.generate` against
-    transformers' batched `generate` (DeepseekV3ForCausalLM, left padding, its own DynamicCache),
-    both float32 on the same threads, the same prompts, interleaved repeats (each repeat with a
-    fresh prefix, so no side reuses an earlier repeat's cache). Throughput = generated tokens /
-    wall time of the whole call. Cache memory: the bytes of transformers' DynamicCache tensors at
-    the end of generation against swarmoe's peak blocks in use x bytes per block. swarmoe runs
-    twice: with its cache in the model dtype (float32, the same bytes per value as the peer), and
-    with `kv_cache_dtype="bfloat16"` (lossy: the latents are rounded to bf16).
+    each, greedy, on a mid-size random K2-layout checkpoint (173M parameters: MLA with q_lora,
+    16 heads, 64 routed experts top-8 + 1 shared, first layer dense): swarmoe's `LLM.generate`
+    against transformers' batched `generate` (DeepseekV3ForCausalLM built as in
+    tests/reference.py, left padding, its own DynamicCache, sdpa attention, its default experts
+    implementation), both float32, same threads, same prompts. Throughput = generated tokens /
+    wall time of the whole call (prefill included). The transformers run (minutes) is bracketed
+    by swarmoe runs (one before, two after; median), each with a fresh prefix, so no run reuses
+    another's prefix cache. Cache memory: bytes of the DynamicCache tensors after generation
+    (transformers 5.24 caches MLA's compressed latent, not per-head K/V) against swarmoe's peak
+    blocks in use x bytes per block. swarmoe runs with its cache in the model dtype (float32, the
+    same bytes per value as the peer) and, once, with `kv_cache_dtype="bfloat16"` (lossy: the
+    latents are rounded; its token agreement with the peer is reported).
 (b) Decode at batch 1 on a checkpoint with >= 1 GB of active weights (float32, stored and computed):
     bytes of weights a decode step reads (every non-routed weight, the embedding row and the
     distinct routed experts it routes to) / step time, against the machine's read bandwidth
     measured in the same run: a 1 GiB buffer is summed before every timed step, which also
-    evicts the weights from the (large) L3 so that they come from DRAM.
+    evicts the weights from the (480 MiB) L3 so that they come from DRAM.
 (c) Tokens/s and expert hit rate with `expert_memory_gb` at 100%, 50% and 25% of the checkpoint's
-    expert weights, against the same checkpoint fully resident; tokens must be identical.
+    expert weights (INT4, as K2.5 publishes them), against the same checkpoint fully resident;
+    tokens must be identical. Misses are read from the checkpoint file with pread: from the
+    page cache here, since the file is small and hot.
 
 Checkpoints are written once under --cache-dir (default ~/.cache/swarmoe-bench) and reused.
+OMP_WAIT_POLICY defaults to PASSIVE, as in benchmarks/moe_layer.py.
 
-    .venv/bin/python benchmarks/engine.py                  # all parts, ~10 minutes on 2 cores
-    .venv/bin/python benchmarks/engine.py --parts b --b-steps 8
+    .venv/bin/python benchmarks/engine.py                  # all parts, ~6 minutes on 2 cores
+    .venv/bin/python benchmarks/engine.py --parts b,c      # skip the long transformers run
 
 Prints one JSON line per part (also appended to benchmarks/results/engine.jsonl).
 """
