@@ -62,7 +62,7 @@ class _Plan:
     # Absorbed rows
     rows: torch.Tensor | None = None  # [R] indices into the step's tokens
     private_slots: torch.Tensor | None = None  # [R, P] slots of each row's own keys
-    private_mask: torch.Tensor | None = None  # [R, P] True where the row may attend
+    private_bias: torch.Tensor | None = None  # [R, 1, P] 0 where the row may attend, else -inf
     groups: list[_Group] | None = None
 
 
@@ -226,7 +226,10 @@ class ModelRunner:
             slots, key_pos = slots[item_of_row], key_pos[item_of_row]
         plan.rows = rows.to(dev)
         plan.private_slots = slots.to(dev)
-        plan.private_mask = (key_pos <= q_pos[:, None]).to(dev)
+        hidden = key_pos > q_pos[:, None]
+        if bool(hidden.any()):
+            bias = torch.zeros(hidden.shape, dtype=self.dtype).masked_fill_(hidden, float("-inf"))
+            plan.private_bias = bias[:, None].to(dev)
         if not groups:
             return
         row_first = [0]
@@ -298,52 +301,62 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Absorbed MLA for the plan's rows: q_nope [H,R,nope], q_rope [H,R,rope] -> [R, H*v]."""
         c = self.cfg
-        lora = c.kv_lora_rank
         w_uk, w_uv_t = self._absorbed_weights(index, attn)
         heads, rows = q_nope.shape[0], q_nope.shape[1]
         # Queries in the cache's space: [R, H, lora + rope], pre-scaled.
-        q = torch.cat([torch.bmm(q_nope, w_uk), q_rope], dim=-1).transpose(0, 1) * attn.scale
+        q = (torch.cat([torch.bmm(q_nope, w_uk), q_rope], dim=-1).transpose(0, 1) * attn.scale).contiguous()
         keys = store[plan.private_slots]
         if keys.dtype != q.dtype:
             keys = keys.to(q.dtype)
-        scores = torch.bmm(q, keys.transpose(1, 2)).float()  # [R, H, P]
-        scores.masked_fill_(~plan.private_mask[:, None], float("-inf"))
+        context, lse = self._latent_attention(q, keys, plan.private_bias)  # [R, H, lora], [R, H, 1]
+        out = torch.bmm(context.transpose(0, 1), w_uv_t).transpose(0, 1)  # [R, H, v]
         if not plan.groups:
-            probs = torch.softmax(scores, dim=-1).to(q.dtype)
-            context = torch.bmm(probs, keys[..., :lora])  # [R, H, lora]
-            out = torch.bmm(context.transpose(0, 1), w_uv_t)  # [H, R, v]
-            return out.transpose(0, 1).reshape(rows, heads * c.v_head_dim)
-        # Private part, unnormalised, then each group's shared prefix merged in by log-sum-exp.
-        peak = scores.amax(-1, keepdim=True)  # finite: every row sees its own position
-        weights = torch.exp(scores - peak)
-        total = weights.sum(-1, keepdim=True)
-        context = torch.bmm(weights.to(q.dtype), keys[..., :lora])  # [R, H, lora]
-        out = torch.bmm(context.transpose(0, 1), w_uv_t).transpose(0, 1).float()  # [R, H, v]
+            return out.reshape(rows, heads * c.v_head_dim)
+        # Each group's shared prefix, merged in by log-sum-exp (normalised parts).
+        out = out.float()
         for g in plan.groups:
             shared = store[g.slots]
             if shared.dtype != q.dtype:
                 shared = shared.to(q.dtype)
             if g.rows is None:
-                part = self._shared_part(attn, shared, q, q_nope, q_rope, w_uv_t)
-                top = torch.maximum(peak, part[0])
-                a, b = torch.exp(peak - top), torch.exp(part[0] - top)
-                out = out * a + part[2] * b
-                total = total * a + part[1] * b
+                lse_g, out_g = self._shared_part(attn, shared, q, q_nope, q_rope, w_uv_t)
+                top = torch.maximum(lse, lse_g)
+                a, b = torch.exp(lse - top), torch.exp(lse_g - top)
+                out = (out * a + out_g * b) / (a + b)
                 continue
-            part = self._shared_part(attn, shared, q.index_select(0, g.rows), q_nope[:, g.rows],
-                                     q_rope[:, g.rows], w_uv_t)
-            top = torch.maximum(peak[g.rows], part[0])
-            a, b = torch.exp(peak[g.rows] - top), torch.exp(part[0] - top)
-            out[g.rows] = out[g.rows] * a + part[2] * b
-            total[g.rows] = total[g.rows] * a + part[1] * b
-        return (out / total).to(q.dtype).reshape(rows, heads * c.v_head_dim)
+            lse_g, out_g = self._shared_part(attn, shared, q.index_select(0, g.rows), q_nope[:, g.rows],
+                                             q_rope[:, g.rows], w_uv_t)
+            mine = lse[g.rows]
+            top = torch.maximum(mine, lse_g)
+            a, b = torch.exp(mine - top), torch.exp(lse_g - top)
+            out[g.rows] = (out[g.rows] * a + out_g * b) / (a + b)
+        return out.to(q.dtype).reshape(rows, heads * c.v_head_dim)
+
+    def _latent_attention(
+        self, q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, M, W] (pre-scaled) over keys [B, S, W], whose first kv_lora_rank columns are also
+        the values; bias [B, 1, S] additive or None -> (context [B, M, lora], lse [B, M, 1] float32)."""
+        lora = self.cfg.kv_lora_rank
+        if _FLASH_CPU is not None and q.device.type == "cpu":
+            # The keys serve as values whole (one head size for q, k and v); the rope columns of
+            # the output are dropped.
+            kv = keys[:, None]
+            mask = None if bias is None else bias[:, None]
+            out, lse = _FLASH_CPU(q[:, None], kv, kv, 0.0, False, attn_mask=mask, scale=1.0)[:2]
+            return out[:, 0, :, :lora], lse[:, 0, :, None].float()
+        s = torch.bmm(q, keys.transpose(1, 2)).float()
+        if bias is not None:
+            s = s + bias
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        return torch.bmm(torch.exp(s - lse).to(q.dtype), keys[..., :lora]), lse
 
     def _shared_part(
         self, attn: MLAttention, shared: torch.Tensor, q: torch.Tensor, q_nope: torch.Tensor,
         q_rope: torch.Tensor, w_uv_t: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows [Rg] over the S shared cache entries `shared` [S, lora + rope]: (peak [Rg,H,1],
-        sum of exp(score - peak) [Rg,H,1], unnormalised output [Rg,H,v]), all float32.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [Rg] over the S shared cache entries `shared` [S, lora + rope]:
+        (log-sum-exp [Rg, H, 1], normalised output [Rg, H, v]), both float32.
 
         Absorbed, a (row, head) pays 2*lora + rope per key; expanding the S latents once costs
         lora * (nope + v) per key and head, after which a (row, head) pays nope + rope + v.
@@ -355,32 +368,26 @@ class ModelRunner:
         absorbed = n * (2 * lora + c.qk_rope_head_dim)
         expanded = lora * (c.qk_nope_head_dim + c.v_head_dim) + n * (c.qk_head_dim + c.v_head_dim)
         if absorbed <= expanded:
-            s = (q.reshape(n * heads, -1) @ shared.t()).float().view(n, heads, s_len)
-            peak = s.amax(-1, keepdim=True)
-            w = torch.exp(s - peak)
-            ctx = (w.to(q.dtype).view(n * heads, s_len) @ shared[:, :lora]).view(n, heads, lora)
-            out = torch.bmm(ctx.transpose(0, 1), w_uv_t).transpose(0, 1)
-            return peak, w.sum(-1, keepdim=True), out.float()
+            ctx, lse = self._latent_attention(q.reshape(1, n * heads, -1), shared[None], None)
+            out = torch.bmm(ctx.view(n, heads, lora).transpose(0, 1), w_uv_t).transpose(0, 1)
+            return lse.view(n, heads, 1), out.float()
         latent, k_rope = shared.split([lora, c.qk_rope_head_dim], dim=-1)
         kv = attn.kv_b_proj(latent).view(s_len, heads, -1).transpose(0, 1)  # [H, S, nope + v]
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         if _FLASH_CPU is not None and q.device.type == "cpu":
-            # Fused attention that also returns the log-sum-exp: as (peak=lse, sum=1, out).
             k = torch.cat([k_nope, k_rope[None].expand(heads, -1, -1)], dim=-1)
             qf = torch.cat([q_nope, q_rope], dim=-1)
             pad = qf.shape[-1] - v.shape[-1]  # the kernel wants one head size for q, k and v
-            vp = F.pad(v, (0, pad)) if pad > 0 else v
             if pad >= 0:
+                vp = F.pad(v, (0, pad)) if pad else v
                 out, lse = _FLASH_CPU(qf[None], k[None], vp[None], 0.0, False, scale=attn.scale)[:2]
-                peak = lse[0].transpose(0, 1)[..., None].float()  # [Rg, H, 1]
-                out = out[0, ..., : c.v_head_dim].transpose(0, 1).float()
-                return peak, torch.ones_like(peak), out
+                lse = lse[0].transpose(0, 1)[..., None].float()  # [Rg, H, 1]
+                return lse, out[0, ..., : c.v_head_dim].transpose(0, 1).float()
         s = torch.bmm(q_nope, k_nope.transpose(1, 2)) + (q_rope @ k_rope.t())  # [H, Rg, S]
         s = (s * attn.scale).float().transpose(0, 1)  # [Rg, H, S]
-        peak = s.amax(-1, keepdim=True)
-        w = torch.exp(s - peak)
-        out = torch.bmm(w.transpose(0, 1).to(v.dtype), v).transpose(0, 1)  # [Rg, H, v]
-        return peak, w.sum(-1, keepdim=True), out.float()
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        out = torch.bmm(torch.exp(s - lse).transpose(0, 1).to(v.dtype), v).transpose(0, 1)  # [Rg, H, v]
+        return lse, out.float()
 
 
 # CPU flash attention with its log-sum-exp (a private ATen op; absent -> the unfused path).
