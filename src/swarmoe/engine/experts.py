@@ -136,7 +136,7 @@ class ExpertCache:
     def _count(self, key: tuple[str, int]) -> None:
         self.freq[key] = self.freq.get(key, 0) + 1
         self._accesses += 1
-        if self._accesses >= 16 * max(len(self.entries), 64):  # age: halve every count
+        if self._accesses >= 4 * max(len(self.entries), 16):  # age: halve every count
             self._accesses = 0
             self.freq = {k: v // 2 for k, v in self.freq.items() if v > 1}
 
