@@ -61,7 +61,7 @@ def write_large_checkpoint(path) -> tuple[int, int]:
 
 
 SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     from swarmoe import LLM, SamplingParams
     path, budget = sys.argv[1], json.loads(sys.argv[2])
     llm = LLM(path, expert_memory_gb=budget, max_num_seqs=4, cache_memory_gb=0.05)
@@ -69,7 +69,10 @@ SCRIPT = textwrap.dedent("""
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     print(json.dumps({
         "tokens": [o.outputs[0].token_ids for o in outs],
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # VmHWM is this process image's own high-water mark; ru_maxrss would also count the
+        # parent's RSS at fork time (Linux keeps it across exec), i.e. the pytest process.
+        "peak_rss": next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                         if line.startswith("VmHWM:")),
         "stats": llm.stats(),
     }))
 """)
