@@ -272,18 +272,25 @@ class ModelRunner:
         slots: torch.Tensor, start: int, end: int,
     ) -> torch.Tensor:
         c = self.cfg
+        heads = c.num_attention_heads
         cached = store[slots].to(q_nope.dtype)
         latent, k_rope = cached.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        kv = attn.kv_b_proj(latent).view(end, heads, -1).transpose(0, 1)
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope[None].expand(heads, -1, -1)], dim=-1)
+        q = torch.cat([q_nope[0], q_rope[0]], dim=-1)
+        # 4-D, one head size for q, k and v (v zero-padded) and an additive mask: the form that
+        # PyTorch's CPU flash kernel takes; otherwise SDPA falls back to its math path, 5-10x slower.
+        pad = c.qk_head_dim - c.v_head_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         mask = None
         if start:
-            q_pos = torch.arange(start, end, device=q_nope.device)[:, None]
-            mask = torch.arange(end, device=q_nope.device)[None] <= q_pos
-        kv = attn.kv_b_proj(latent).view(end, c.num_attention_heads, -1).transpose(0, 1)
-        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_rope[None].expand(c.num_attention_heads, -1, -1)], dim=-1)
-        q = torch.cat([q_nope[0], q_rope[0]], dim=-1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scale)
-        return o.transpose(0, 1).reshape(end - start, -1)
+            visible = torch.arange(end, device=q.device)[None] <= torch.arange(start, end, device=q.device)[:, None]
+            mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
+                                           scale=attn.scale)[0]
+        return o[..., : c.v_head_dim].transpose(0, 1).reshape(end - start, -1)
 
     def _absorbed_weights(self, index: int, attn: MLAttention) -> tuple[torch.Tensor, torch.Tensor]:
         """W_uk [H, nope, L] and W_uv^T [H, L, v], contiguous, kept per layer."""
