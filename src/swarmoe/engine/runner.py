@@ -306,7 +306,12 @@ class ModelRunner:
         self, index: int, attn: MLAttention, store: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor,
         plan: _Plan,
     ) -> torch.Tensor:
-        """Absorbed MLA for the plan's rows: q_nope [H,R,nope], q_rope [H,R,rope] -> [R, H*v]."""
+        """Absorbed MLA for the plan's rows: q_nope [H,R,nope], q_rope [H,R,rope] -> [R, H*v].
+
+        Each row attends to its own keys (batched, masked) and, in a group, to the group's shared
+        prefix; the parts are merged by log-sum-exp: absorbed ones in the latent space, before
+        W_uv, an expanded one (its values already per head) after it.
+        """
         c = self.cfg
         w_uk, w_uv_t = self._absorbed_weights(index, attn)
         heads, rows = q_nope.shape[0], q_nope.shape[1]
@@ -316,28 +321,64 @@ class ModelRunner:
         if keys.dtype != q.dtype:
             keys = keys.to(q.dtype)
         context, lse = self._latent_attention(q, keys, plan.private_bias)  # [R, H, lora], [R, H, 1]
-        out = torch.bmm(context.transpose(0, 1), w_uv_t).transpose(0, 1)  # [R, H, v]
-        if not plan.groups:
-            return out.reshape(rows, heads * c.v_head_dim)
-        # Each group's shared prefix, merged in by log-sum-exp (normalised parts).
-        out = out.float()
-        for g in plan.groups:
+        expanded = []
+        for g in plan.groups or []:
             shared = store[g.slots]
             if shared.dtype != q.dtype:
                 shared = shared.to(q.dtype)
-            if g.rows is None:
-                lse_g, out_g = self._shared_part(attn, shared, q, q_nope, q_rope, w_uv_t)
-                top = torch.maximum(lse, lse_g)
-                a, b = torch.exp(lse - top), torch.exp(lse_g - top)
-                out = (out * a + out_g * b) / (a + b)
-                continue
-            lse_g, out_g = self._shared_part(attn, shared, q.index_select(0, g.rows), q_nope[:, g.rows],
-                                             q_rope[:, g.rows], w_uv_t)
-            mine = lse[g.rows]
-            top = torch.maximum(mine, lse_g)
-            a, b = torch.exp(mine - top), torch.exp(lse_g - top)
-            out[g.rows] = (out[g.rows] * a + out_g * b) / (a + b)
-        return out.to(q.dtype).reshape(rows, heads * c.v_head_dim)
+            qg = q if g.rows is None else q.index_select(0, g.rows)
+            if self._absorb_shared(qg.shape[0]):
+                n = qg.shape[0]
+                ctx_g, lse_g = self._latent_attention(qg.reshape(1, n * heads, -1), shared[None], None)
+                mine_ctx, mine_lse = (context, lse) if g.rows is None else (context[g.rows], lse[g.rows])
+                merged = _merge(mine_ctx, mine_lse, ctx_g.view(n, heads, -1), lse_g.view(n, heads, 1))
+                if g.rows is None:
+                    context = merged
+                else:
+                    context[g.rows] = merged
+            else:
+                nope = q_nope if g.rows is None else q_nope[:, g.rows]
+                rope = q_rope if g.rows is None else q_rope[:, g.rows]
+                expanded.append((g.rows, *self._expanded_shared(attn, shared, nope, rope)))
+        out = torch.bmm(context.transpose(0, 1), w_uv_t).transpose(0, 1)  # [R, H, v]
+        for g_rows, out_g, lse_g in expanded:
+            if g_rows is None:
+                out = _merge(out, lse, out_g, lse_g)
+            else:
+                out[g_rows] = _merge(out[g_rows], lse[g_rows], out_g, lse_g)
+        return out.reshape(rows, heads * c.v_head_dim)
+
+    def _absorb_shared(self, rows: int) -> bool:
+        """Absorbed, a (row, head) pays 2*lora + rope per shared key; expanding the shared latents
+        once costs lora * (nope + v) per key and head, after which a (row, head) pays
+        nope + rope + v. Many rows (a prefill chunk per sequence) make expanding cheaper."""
+        c = self.cfg
+        absorbed = rows * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
+        expanded = c.kv_lora_rank * (c.qk_nope_head_dim + c.v_head_dim) + rows * (c.qk_head_dim + c.v_head_dim)
+        return absorbed <= expanded
+
+    def _expanded_shared(
+        self, attn: MLAttention, shared: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows q_nope [H,Rg,nope] / q_rope [H,Rg,rope] over the shared entries [S, lora + rope],
+        expanded to per-head keys and values: (output [Rg, H, v], log-sum-exp [Rg, H, 1])."""
+        c = self.cfg
+        heads, s_len = c.num_attention_heads, shared.shape[0]
+        latent, k_rope = shared.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        kv = attn.kv_b_proj(latent).view(s_len, heads, -1).transpose(0, 1)  # [H, S, nope + v]
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        pad = c.qk_head_dim - c.v_head_dim  # the flash kernel wants one head size for q, k and v
+        if _FLASH_CPU is not None and q_nope.device.type == "cpu" and pad >= 0:
+            k = torch.cat([k_nope, k_rope[None].expand(heads, -1, -1)], dim=-1)
+            qf = torch.cat([q_nope, q_rope], dim=-1)
+            vp = F.pad(v, (0, pad)) if pad else v
+            out, lse = _FLASH_CPU(qf[None], k[None], vp[None], 0.0, False, scale=attn.scale)[:2]
+            return out[0, ..., : c.v_head_dim].transpose(0, 1), lse[0].transpose(0, 1)[..., None].float()
+        s = torch.bmm(q_nope, k_nope.transpose(1, 2)) + (q_rope @ k_rope.t())  # [H, Rg, S]
+        s = (s * attn.scale).float().transpose(0, 1)  # [Rg, H, S]
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        out = torch.bmm(torch.exp(s - lse).transpose(0, 1).to(v.dtype), v).transpose(0, 1)  # [Rg, H, v]
+        return out, lse
 
     def _latent_attention(
         self, q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None
@@ -358,43 +399,12 @@ class ModelRunner:
         lse = torch.logsumexp(s, -1, keepdim=True)
         return torch.bmm(torch.exp(s - lse).to(q.dtype), keys[..., :lora]), lse
 
-    def _shared_part(
-        self, attn: MLAttention, shared: torch.Tensor, q: torch.Tensor, q_nope: torch.Tensor,
-        q_rope: torch.Tensor, w_uv_t: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows [Rg] over the S shared cache entries `shared` [S, lora + rope]:
-        (log-sum-exp [Rg, H, 1], normalised output [Rg, H, v]), both float32.
 
-        Absorbed, a (row, head) pays 2*lora + rope per key; expanding the S latents once costs
-        lora * (nope + v) per key and head, after which a (row, head) pays nope + rope + v.
-        Many rows (a prefill chunk per sequence) make expanding cheaper, decode rows do not.
-        """
-        c = self.cfg
-        lora, heads, n = c.kv_lora_rank, c.num_attention_heads, q.shape[0]
-        s_len = shared.shape[0]
-        absorbed = n * (2 * lora + c.qk_rope_head_dim)
-        expanded = lora * (c.qk_nope_head_dim + c.v_head_dim) + n * (c.qk_head_dim + c.v_head_dim)
-        if absorbed <= expanded:
-            ctx, lse = self._latent_attention(q.reshape(1, n * heads, -1), shared[None], None)
-            out = torch.bmm(ctx.view(n, heads, lora).transpose(0, 1), w_uv_t).transpose(0, 1)
-            return lse.view(n, heads, 1), out.float()
-        latent, k_rope = shared.split([lora, c.qk_rope_head_dim], dim=-1)
-        kv = attn.kv_b_proj(latent).view(s_len, heads, -1).transpose(0, 1)  # [H, S, nope + v]
-        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
-        if _FLASH_CPU is not None and q.device.type == "cpu":
-            k = torch.cat([k_nope, k_rope[None].expand(heads, -1, -1)], dim=-1)
-            qf = torch.cat([q_nope, q_rope], dim=-1)
-            pad = qf.shape[-1] - v.shape[-1]  # the kernel wants one head size for q, k and v
-            if pad >= 0:
-                vp = F.pad(v, (0, pad)) if pad else v
-                out, lse = _FLASH_CPU(qf[None], k[None], vp[None], 0.0, False, scale=attn.scale)[:2]
-                lse = lse[0].transpose(0, 1)[..., None].float()  # [Rg, H, 1]
-                return lse, out[0, ..., : c.v_head_dim].transpose(0, 1).float()
-        s = torch.bmm(q_nope, k_nope.transpose(1, 2)) + (q_rope @ k_rope.t())  # [H, Rg, S]
-        s = (s * attn.scale).float().transpose(0, 1)  # [Rg, H, S]
-        lse = torch.logsumexp(s, -1, keepdim=True)
-        out = torch.bmm(torch.exp(s - lse).transpose(0, 1).to(v.dtype), v).transpose(0, 1)  # [Rg, H, v]
-        return lse, out.float()
+def _merge(a: torch.Tensor, lse_a: torch.Tensor, b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Softmax-weighted outputs over two disjoint key sets -> the output over their union."""
+    top = torch.maximum(lse_a, lse_b)
+    wa, wb = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    return ((a.float() * wa + b.float() * wb) / (wa + wb)).to(a.dtype)
 
 
 # CPU flash attention with its log-sum-exp (a private ATen op; absent -> the unfused path).
