@@ -107,10 +107,18 @@ class LLM:
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
         """Queue one request; raises ValueError naming the bad field, leaving others untouched."""
+        return self._enqueue(self._prompt(prompt), params, request_id)
+
+    def _enqueue(
+        self,
+        prepared: tuple[list[int], str | None, torch.Tensor | None],
+        params: SamplingParams | None,
+        request_id: str | None,
+    ) -> str:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
-        ids, text, embeds = self._prompt(prompt)
+        ids, text, embeds = prepared
         request_id = request_id or f"req-{next(self._counter)}"
         if request_id in self._sequences:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -300,9 +308,9 @@ class LLM:
                 raise ValueError("sampling_params must be one object or one per prompt")
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
-        for prompt in prompts:  # validate the whole batch before queueing any of it
-            self._prompt(prompt)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        # Validate (and encode any media of) the whole batch once, before queueing any of it.
+        prepared = [self._prompt(p) for p in prompts]
+        ids = [self._enqueue(pp, sp, None) for pp, sp in zip(prepared, params, strict=True)]
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):
             for out in self.step():
