@@ -5,6 +5,11 @@ and the roped `qk_rope_head_dim` key (576 values at K2.5 size, ~70 KB/token over
 bf16), never per-head keys and values. Full blocks are identified by a hash chained over every
 token before them, so two requests with a common prefix share its blocks; `fork` shares all full
 blocks of a sequence and copies its partial last block (copy on write).
+
+`kv_cache_dtype="fp8"` stores the latents as float8_e4m3fn with two float32 scales per layer
+and slot, one for the `kv_lora_rank` latent and one for the rope key (their magnitudes differ):
+about half the bytes of a bf16 cache, lossy (each part is divided by its absolute maximum / 448
+and rounded to e4m3, 3 mantissa bits). Values are dequantised to the compute dtype when read.
 """
 
 from __future__ import annotations
@@ -17,28 +22,126 @@ from dataclasses import dataclass
 import torch
 
 from swarmoe.engine.sequence import Sequence
+from swarmoe.model.loader import as_dtype
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SCALE_DTYPE = torch.float32
+_FP8_NAMES = ("fp8", "float8_e4m3fn")
+
+
+def cache_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """The latent cache's storage dtype for `LLM(kv_cache_dtype=value)`; None: the model's."""
+    if value is None or value == "auto":
+        return None
+    if value in _FP8_NAMES or value == FP8:
+        return FP8
+    if value in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        return as_dtype(value)
+    if value in (torch.float32, torch.bfloat16, torch.float16):
+        return value
+    raise ValueError(
+        f"kv_cache_dtype must be 'auto', 'float32', 'bfloat16', 'float16' or 'fp8' "
+        f"(float8_e4m3fn), got {value!r}"
+    )
+
+
+def quantise_fp8(x: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., W] -> (float8_e4m3fn values [..., W], float32 scales [..., 2]): one scale for
+    columns [:split] and one for [split:], each that part's absolute maximum / 448."""
+    x = x.float()
+    parts = (x[..., :split], x[..., split:])
+    amax = torch.stack([p.abs().amax(-1) for p in parts], -1)
+    scales = (amax / FP8_MAX).clamp_(min=torch.finfo(SCALE_DTYPE).tiny)  # all-zero parts: 0 / tiny
+    q = torch.cat([(p / scales[..., i, None]).clamp_(-FP8_MAX, FP8_MAX) for i, p in enumerate(parts)], -1)
+    return q.to(FP8), scales
+
+
+def dequantise_fp8(q: torch.Tensor, scales: torch.Tensor, split: int, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `quantise_fp8`, in `dtype`."""
+    x = q.to(SCALE_DTYPE)
+    x[..., :split] *= scales[..., :1]
+    x[..., split:] *= scales[..., 1:]
+    return x.to(dtype)
+
+
+class LatentLayer:
+    """One layer's cache as [blocks * block_size, width] slots: the runner writes new latents
+    into slots and reads slots back in its compute dtype."""
+
+    __slots__ = ("slots",)
+
+    def __init__(self, slots: torch.Tensor) -> None:
+        self.slots = slots
+
+    def write(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        self.slots[index] = values.to(self.slots.dtype)
+
+    def read(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = self.slots[index]
+        return x if x.dtype == dtype else x.to(dtype)
+
+
+class FP8LatentLayer(LatentLayer):
+    """A layer of an fp8 cache: quantised on write, dequantised on read."""
+
+    __slots__ = ("scales", "split")
+
+    def __init__(self, slots: torch.Tensor, scales: torch.Tensor, split: int) -> None:
+        super().__init__(slots)
+        self.scales, self.split = scales, split
+
+    def write(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        q, scales = quantise_fp8(values, self.split)
+        self.slots[index] = q
+        self.scales[index] = scales
+
+    def read(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return dequantise_fp8(self.slots[index], self.scales[index], self.split, dtype)
 
 
 class LatentCache:
-    """Storage: [layers, blocks, block_size, kv_lora + rope]."""
+    """Storage: [layers, blocks, block_size, kv_lora + rope]; for fp8 also `scales`
+    [layers, blocks, block_size, 2] (latent part, rope part), float32."""
 
     def __init__(
         self, num_layers: int, num_blocks: int, block_size: int, width: int,
-        dtype: torch.dtype, device: torch.device | str,
+        dtype: torch.dtype, device: torch.device | str, kv_lora_rank: int | None = None,
     ) -> None:
         self.block_size = block_size
         self.data = torch.zeros(num_layers, num_blocks, block_size, width, dtype=dtype, device=device)
+        self.scales: torch.Tensor | None = None
+        self.split = kv_lora_rank
+        if dtype == FP8:
+            if kv_lora_rank is None or not 0 < kv_lora_rank < width:
+                raise ValueError("an fp8 latent cache needs kv_lora_rank (where the rope key starts)")
+            self.scales = torch.ones(num_layers, num_blocks, block_size, 2, dtype=SCALE_DTYPE, device=device)
 
     @staticmethod
     def bytes_per_token(num_layers: int, width: int, dtype: torch.dtype) -> int:
-        return num_layers * width * torch.tensor([], dtype=dtype).element_size()
+        """Cache bytes per token over all layers, the fp8 scales included."""
+        per_layer = width * torch.tensor([], dtype=dtype).element_size()
+        if dtype == FP8:
+            per_layer += 2 * torch.tensor([], dtype=SCALE_DTYPE).element_size()
+        return num_layers * per_layer
 
-    def layer(self, index: int) -> torch.Tensor:
-        """One layer's cache as [blocks * block_size, width] slots."""
-        return self.data[index].view(-1, self.data.shape[-1])
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block over all layers, the fp8 scales included."""
+        layers, _, block_size, width = self.data.shape
+        return block_size * self.bytes_per_token(layers, width, self.data.dtype)
+
+    def layer(self, index: int) -> LatentLayer:
+        """One layer's cache slots, to write and read."""
+        slots = self.data[index].view(-1, self.data.shape[-1])
+        if self.scales is None:
+            return LatentLayer(slots)
+        return FP8LatentLayer(slots, self.scales[index].view(-1, 2), self.split)
 
     def copy_block(self, src: int, dst: int) -> None:
         self.data[:, dst] = self.data[:, src]
+        if self.scales is not None:
+            self.scales[:, dst] = self.scales[:, src]
 
 
 def slot_indices(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:

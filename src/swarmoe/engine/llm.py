@@ -17,12 +17,12 @@ import torch
 
 from swarmoe.config import load_config
 from swarmoe.engine.experts import ExpertCache, load_model_with_expert_budget
-from swarmoe.engine.kv_cache import BlockManager, LatentCache
+from swarmoe.engine.kv_cache import BlockManager, LatentCache, cache_dtype
 from swarmoe.engine.runner import ModelRunner
 from swarmoe.engine.sampling import SamplingParams, sample
 from swarmoe.engine.scheduler import Scheduler
 from swarmoe.engine.sequence import Sequence, Status
-from swarmoe.model.loader import as_dtype, load_model
+from swarmoe.model.loader import load_model
 
 Prompt = str | dict[str, Any]
 _MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -53,7 +53,8 @@ class LLM:
     `expert_memory_gb` keeps at most that many GB of routed-expert weights resident; the rest
     stay on disk and are read on demand (tokens are identical with or without a budget).
     `kv_cache_dtype` (default: the model dtype) stores the latent cache narrower, e.g.
-    "bfloat16" under a float32 model: half the cache memory, latents rounded.
+    "bfloat16" under a float32 model: half the cache memory, latents rounded; "fp8"
+    (float8_e4m3fn, two float32 scales per token and layer) about halves a bf16 cache again, lossy.
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         kv_cache_dtype: str | torch.dtype | None = None,
     ) -> None:
+        store_dtype = cache_dtype(kv_cache_dtype)  # checked before the weights load
         self.path = Path(model)
         self.config = load_config(self.path)
         text = self.config.text
@@ -84,15 +86,15 @@ class LLM:
         self.max_model_len = min(max_model_len or text.max_position_embeddings, text.max_position_embeddings)
         if max_num_batched_tokens < 1 or max_num_seqs < 1 or block_size < 1:
             raise ValueError("max_num_batched_tokens, max_num_seqs and block_size must be positive")
-        cache_dtype = getattr(self.model, "language_model", self.model).model.embed_tokens.weight.dtype
-        if kv_cache_dtype is not None and kv_cache_dtype != "auto":
-            cache_dtype = as_dtype(kv_cache_dtype)  # a narrower cache rounds the latents
+        if store_dtype is None:  # a narrower cache rounds the latents
+            store_dtype = getattr(self.model, "language_model", self.model).model.embed_tokens.weight.dtype
         width = text.kv_lora_rank + text.qk_rope_head_dim
-        per_token = LatentCache.bytes_per_token(text.num_hidden_layers, width, cache_dtype)
+        per_token = LatentCache.bytes_per_token(text.num_hidden_layers, width, store_dtype)
         wanted = max_num_seqs * -(-self.max_model_len // block_size)
         affordable = int(cache_memory_gb * 1e9 // (per_token * block_size))
         num_blocks = max(min(wanted, affordable), -(-self.max_model_len // block_size))
-        self.cache = LatentCache(text.num_hidden_layers, num_blocks, block_size, width, cache_dtype, device)
+        self.cache = LatentCache(text.num_hidden_layers, num_blocks, block_size, width, store_dtype, device,
+                                 kv_lora_rank=text.kv_lora_rank)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache)

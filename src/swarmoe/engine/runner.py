@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swarmoe.engine.kv_cache import LatentCache
+from swarmoe.engine.kv_cache import LatentCache, LatentLayer
 from swarmoe.engine.sequence import Sequence
 from swarmoe.model.attention import MLAttention
 from swarmoe.model.kimi import KimiForCausalLM, check_token_ids
@@ -254,7 +254,7 @@ class ModelRunner:
         q_nope, q_rope = attn.queries(h, cos, sin)
         latent, k_rope = attn.latents(h, cos, sin)
         store = self.cache.layer(index)
-        store[plan.write_slots] = torch.cat([latent[0], k_rope[0]], dim=-1).to(store.dtype)
+        store.write(plan.write_slots, torch.cat([latent[0], k_rope[0]], dim=-1))
         if not plan.expanded and plan.rows is not None and len(plan.rows) == h.shape[1]:
             # Every token is absorbed (a decode step): rows are the tokens in order.
             out = self._absorbed_rows(index, attn, store, q_nope[0], q_rope[0], plan)
@@ -268,12 +268,12 @@ class ModelRunner:
         return attn.o_proj(out)[None]
 
     def _expanded(
-        self, attn: MLAttention, store: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor,
+        self, attn: MLAttention, store: LatentLayer, q_nope: torch.Tensor, q_rope: torch.Tensor,
         slots: torch.Tensor, start: int, end: int,
     ) -> torch.Tensor:
         c = self.cfg
         heads = c.num_attention_heads
-        cached = store[slots].to(q_nope.dtype)
+        cached = store.read(slots, q_nope.dtype)
         latent, k_rope = cached.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         kv = attn.kv_b_proj(latent).view(end, heads, -1).transpose(0, 1)
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
@@ -303,7 +303,7 @@ class ModelRunner:
         return found
 
     def _absorbed_rows(
-        self, index: int, attn: MLAttention, store: torch.Tensor, q_nope: torch.Tensor, q_rope: torch.Tensor,
+        self, index: int, attn: MLAttention, store: LatentLayer, q_nope: torch.Tensor, q_rope: torch.Tensor,
         plan: _Plan,
     ) -> torch.Tensor:
         """Absorbed MLA for the plan's rows: q_nope [H,R,nope], q_rope [H,R,rope] -> [R, H*v].
@@ -317,15 +317,11 @@ class ModelRunner:
         heads, rows = q_nope.shape[0], q_nope.shape[1]
         # Queries in the cache's space: [R, H, lora + rope], pre-scaled.
         q = (torch.cat([torch.bmm(q_nope, w_uk), q_rope], dim=-1).transpose(0, 1) * attn.scale).contiguous()
-        keys = store[plan.private_slots]
-        if keys.dtype != q.dtype:
-            keys = keys.to(q.dtype)
+        keys = store.read(plan.private_slots, q.dtype)
         context, lse = self._latent_attention(q, keys, plan.private_bias)  # [R, H, lora], [R, H, 1]
         expanded = []
         for g in plan.groups or []:
-            shared = store[g.slots]
-            if shared.dtype != q.dtype:
-                shared = shared.to(q.dtype)
+            shared = store.read(g.slots, q.dtype)
             qg = q if g.rows is None else q.index_select(0, g.rows)
             if self._absorb_shared(qg.shape[0]):
                 n = qg.shape[0]
