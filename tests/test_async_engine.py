@@ -19,8 +19,8 @@ def engine(tmp_path_factory):
     eng.shutdown()
 
 
-async def collect(engine, prompt, params):
-    outs = [out async for out in engine.generate(prompt, params)]
+async def collect(engine, prompt, params, **kw):
+    outs = [out async for out in engine.generate(prompt, params, **kw)]
     return outs
 
 
@@ -36,6 +36,22 @@ async def test_concurrent_requests_match_offline_generate(engine):
     fresh = LLM(engine.llm.path)  # the engine thread owns its LLM; compare with another
     expected = [o.outputs[0].token_ids for o in fresh.generate(prompts, params)]
     assert [s[-1].outputs[0].token_ids for s in streams] == expected
+
+
+async def test_stream_interval_coalesces_outputs_without_losing_tokens(engine):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompt = {"prompt_token_ids": list(range(5, 20))}
+    every = await collect(engine, prompt, params)
+    # An interval longer than the whole generation: the first output, then the last at once.
+    sparse = await collect(engine, prompt, params, interval=60.0)
+    assert [len(o.outputs[0].token_ids) for o in sparse] == [1, 12]
+    assert sparse[-1].finished
+    assert sparse[-1].outputs[0].token_ids == every[-1].outputs[0].token_ids
+    # interval=0 skips nothing a prompt consumer keeps up with, and still ends with everything.
+    eager = await collect(engine, prompt, params, interval=0.0)
+    assert eager[-1].outputs[0].token_ids == every[-1].outputs[0].token_ids
+    lengths = [len(o.outputs[0].token_ids) for o in eager]
+    assert lengths == sorted(set(lengths))
 
 
 async def test_bad_request_fails_only_its_caller(engine):

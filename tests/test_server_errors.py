@@ -190,7 +190,7 @@ class _BrokenEngine:
     def __init__(self, real: AsyncEngine) -> None:
         self.tokenizer, self.config, self.max_model_len = real.tokenizer, real.config, real.max_model_len
 
-    async def generate(self, prompt, params, request_id=None, *, latest_only=False) -> AsyncIterator:
+    async def generate(self, prompt, params, request_id=None, *, interval=None) -> AsyncIterator:
         raise RuntimeError("CUDA error: device-side assert at /secret/path.py:42")
         yield  # an async generator, like the engine's
 

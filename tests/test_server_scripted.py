@@ -45,7 +45,7 @@ class ScriptedEngine:
 
     async def generate(
         self, prompt: dict, params: SamplingParams, request_id: str | None = None,
-        *, latest_only: bool = False,
+        *, interval: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         ids = prompt["prompt_token_ids"]
         if any(not 0 <= i < self.tokenizer.vocab_size for i in ids):

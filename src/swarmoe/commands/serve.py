@@ -25,6 +25,9 @@ def serve(
     max_model_len: Annotated[int | None, typer.Option(help="context length cap")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="sequences batched together")] = 64,
     max_request_mb: Annotated[float, typer.Option(help="largest request body accepted")] = 32.0,
+    stream_interval: Annotated[float | None, typer.Option(
+        help="least seconds between two chunks of one stream; the tokens in between go "
+             "together (default 0.05; 0 sends a chunk per engine step)", min=0)] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve a checkpoint over the OpenAI API (/v1/chat/completions, /v1/completions, ...)."""
@@ -49,7 +52,8 @@ def serve(
     engine = AsyncEngine(llm)
     try:
         app = create_app(engine, name, api_key=api_key,
-                         max_request_bytes=int(max_request_mb * 1024 * 1024))
+                         max_request_bytes=int(max_request_mb * 1024 * 1024),
+                         **({} if stream_interval is None else {"stream_interval": stream_interval}))
         typer.echo(f"serving {model} as {name!r} on http://{host}:{port}/v1")
         # Idle connections outlive the clients' own pools (httpx drops them after 5 s), so a
         # client never reuses a connection the server is closing at that moment.

@@ -11,7 +11,9 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from swarmoe.config import ModelConfig
@@ -24,11 +26,21 @@ if TYPE_CHECKING:
 _DONE = object()
 
 
+@dataclass(slots=True)
+class _Stream:
+    """Where one request's outputs go, and when the next may go (see `generate`'s interval)."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    interval: float | None
+    next_at: float = 0.0
+
+
 class AsyncEngine:
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="swarmoe-engine", daemon=True)
         self._thread.start()
@@ -77,25 +89,33 @@ class AsyncEngine:
             future.set_exception(exc)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
-        """One wake-up per event loop per step, however many of its requests moved."""
+        """One wake-up per event loop per step, however many of its requests moved.
+
+        A stream with an interval skips outputs until its next slot (each output holds all the
+        tokens so far, so a skipped one loses nothing); the last output always goes at once.
+        """
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        now = time.monotonic()
         for out in outputs:
-            entry = self._streams.get(out.request_id)
-            if entry is None:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
                 continue
-            loop, q = entry
-            batch = batches.setdefault(loop, [])
-            batch.append((q, out))
+            if stream.interval is not None and not out.finished:
+                if now < stream.next_at:
+                    continue
+                stream.next_at = now + stream.interval
+            batch = batches.setdefault(stream.loop, [])
+            batch.append((stream.queue, out))
             if out.finished:
-                batch.append((q, _DONE))
+                batch.append((stream.queue, _DONE))
                 self._streams.pop(out.request_id, None)
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_deliver, batch)
 
     def _fail_all(self, exc: BaseException) -> None:
         for rid in list(self._streams):
-            loop, q = self._streams.pop(rid)
-            loop.call_soon_threadsafe(q.put_nowait, exc)
+            stream = self._streams.pop(rid)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
             self.llm.abort(rid)
 
     # -- callers ----------------------------------------------------------------------------
@@ -107,21 +127,23 @@ class AsyncEngine:
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
-        *, latest_only: bool = False,
+        *, interval: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as it progresses; the last one has `finished=True`.
 
         Leaving the iteration early (a client went away) aborts the request and frees its cache.
-        With `latest_only`, a caller that fell behind gets only the newest of the outputs
-        waiting for it (they are cumulative, so nothing is lost): a slow consumer, such as an
-        HTTP stream, then sends fewer, larger pieces instead of falling further behind.
+        With `interval` set, a caller gets at most one output per `interval` seconds until the
+        last, which comes at once, and only the newest of those waiting for it (outputs are
+        cumulative, so nothing is lost): an HTTP stream then sends fewer, larger pieces instead
+        of paying a chunk per token per client. `interval=0` only skips outputs a slow caller
+        fell behind on.
         """
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
         def add() -> str:
             rid = self.llm.add_request(prompt, params, request_id)
-            self._streams[rid] = (loop, q)
+            self._streams[rid] = _Stream(loop, q, interval)
             return rid
 
         added: concurrent.futures.Future = concurrent.futures.Future()
@@ -135,12 +157,8 @@ class AsyncEngine:
         try:
             while True:
                 item = await q.get()
-                while latest_only and isinstance(item, RequestOutput) and not q.empty():
-                    newer = q.get_nowait()
-                    if newer is _DONE:
-                        q.put_nowait(_DONE)  # the queue is empty now: it still comes next
-                        break
-                    item = newer
+                if interval is not None:
+                    item = _newest(q, item)
                 if item is _DONE:
                     finished = True
                     return
@@ -170,6 +188,17 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _newest(q: asyncio.Queue, item: Any) -> Any:
+    """`item`, or the newest output queued after it; an end marker is never skipped."""
+    while isinstance(item, RequestOutput) and not q.empty():
+        newer = q.get_nowait()
+        if newer is _DONE:
+            q.put_nowait(_DONE)  # the queue is empty now: it still comes next
+            break
+        item = newer
+    return item
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
