@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from swarmoe import LLM, SamplingParams
-from swarmoe.engine.kv_cache import FP8, LatentCache, dequantise_fp8, quantise_fp8
+from swarmoe.engine.kv_cache import FP8, LatentCache, dequantise_fp8, fp8_as_half, quantise_fp8
 from swarmoe.testing import make_tiny_checkpoint
 
 E4M3_EPS = 2.0**-4  # unit roundoff: 3 stored mantissa bits
@@ -40,6 +40,14 @@ def test_round_trip_error_is_within_the_e4m3_bound_of_each_slot_part():
     assert err[:, :lora].mean() < 0.05 * x[:, :lora].abs().mean()  # not flushed by the rope's size
     # bf16 out: the same values, rounded once more
     assert torch.allclose(dequantise_fp8(q, scales, lora, torch.bfloat16).float(), back, rtol=2**-8, atol=0)
+
+
+def test_fp8_bits_widen_exactly():
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8)
+    finite = ~codes.float().isnan()
+    ours = fp8_as_half(codes).float() * 256
+    assert torch.equal(ours[finite], codes.float()[finite])
+    assert torch.equal(ours.signbit()[finite], codes.float().signbit()[finite])  # -0.0 too
 
 
 def test_fp8_cache_writes_reads_copies_and_counts_its_scales():
