@@ -11,8 +11,10 @@
     another's prefix cache. Cache memory: bytes of the DynamicCache tensors after generation
     (transformers 5.24 caches MLA's compressed latent, not per-head K/V) against swarmoe's peak
     blocks in use x bytes per block. swarmoe runs with its cache in the model dtype (float32, the
-    same bytes per value as the peer) and, once, with `kv_cache_dtype="bfloat16"` (lossy: the
-    latents are rounded; its token agreement with the peer is reported).
+    same bytes per value as the peer) and, once each, with `kv_cache_dtype="bfloat16"` and
+    `kv_cache_dtype="fp8"` (float8_e4m3fn + two float32 scales per token and layer, counted in
+    its bytes); both are lossy (the latents are rounded): their token agreement with the peer is
+    reported.
 (b) Decode at batch 1 on a checkpoint with >= 1 GB of active weights (float32, stored and computed):
     bytes of weights a decode step reads (every non-routed weight, the embedding row and the
     distinct routed experts it routes to) / step time, against the machine's read bandwidth
@@ -155,8 +157,7 @@ def ours_generate(llm: LLM, prompts: list[list[int]], new: int) -> tuple[list[li
     llm.blocks.peak_used = llm.blocks.num_used
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    block_bytes = llm.cache.data[:, 0].numel() * llm.cache.data.element_size()
-    return [o.outputs[0].token_ids for o in outs], llm.blocks.peak_used * block_bytes
+    return [o.outputs[0].token_ids for o in outs], llm.blocks.peak_used * llm.cache.block_bytes
 
 
 def part_a(args: argparse.Namespace, bw: Bandwidth) -> dict[str, Any]:
@@ -171,17 +172,18 @@ def part_a(args: argparse.Namespace, bw: Bandwidth) -> dict[str, Any]:
               cache_memory_gb=0.5)
     ours = LLM(path, dtype="float32", **kw)
     ours_bf16 = LLM(path, dtype="float32", kv_cache_dtype="bfloat16", **kw)
+    ours_fp8 = LLM(path, dtype="float32", kv_cache_dtype="fp8", **kw)
     g = torch.Generator().manual_seed(1)
 
     def prompts() -> list[list[int]]:  # a fresh prefix each time: no run reuses another's cache
         prefix = random_ids(prefix_len, vocab, g)
         return [prefix + random_ids(suffix_len, vocab, g) for _ in range(n)]
 
-    for llm in (ours, ours_bf16):  # one full-size batch: the allocator and caches settle
+    for llm in (ours, ours_bf16, ours_fp8):  # one full-size batch: the allocator and caches settle
         ours_generate(llm, prompts(), new)
     warm = prompts()
     hf_generate(hf, [p[:8] for p in warm[:2]], 2, pad_id=0)  # a tiny one: its runs take minutes
-    times: dict[str, list[float]] = {"transformers": [], "float32": [], "bf16-cache": []}
+    times: dict[str, list[float]] = {"transformers": [], "float32": [], "bf16-cache": [], "fp8-cache": []}
     mem: dict[str, int] = {}
     agree: dict[str, float] = {}
 
@@ -203,6 +205,12 @@ def part_a(args: argparse.Namespace, bw: Bandwidth) -> dict[str, Any]:
         if not times["bf16-cache"]:
             got16, mem["bf16-cache"] = timed("bf16-cache", lambda b=batch: ours_generate(ours_bf16, b, new))
             agree["bf16-cache"] = sum(a == b for a, b in zip(got16, ref, strict=True)) / n
+            got8, mem["fp8-cache"] = timed("fp8-cache", lambda b=batch: ours_generate(ours_fp8, b, new))
+            agree["fp8-cache"] = sum(a == b for a, b in zip(got8, ref, strict=True)) / n
+            # Tokens in place, position by position: a request that parts from the peer at a near-tie
+            # still keeps the tokens before it.
+            same = sum(x == y for a, b in zip(got8, ref, strict=True) for x, y in zip(a, b, strict=True))
+            agree["fp8-cache_positions"] = same / (n * new)
     for _ in range(2):
         batch = prompts()
         timed("float32", lambda b=batch: ours_generate(ours, b, new))
@@ -218,9 +226,11 @@ def part_a(args: argparse.Namespace, bw: Bandwidth) -> dict[str, Any]:
         "wall_s": {k: [round(t, 2) for t in v] for k, v in times.items()},
         "throughput_ratio": round(tps["float32"] / tps["transformers"], 2),
         "throughput_ratio_bf16_cache": round(tps["bf16-cache"] / tps["transformers"], 2),
+        "throughput_ratio_fp8_cache": round(tps["fp8-cache"] / tps["transformers"], 2),
         "cache_bytes": mem,
         "cache_ratio": round(mem["transformers"] / mem["float32"], 2),
         "cache_ratio_bf16_cache": round(mem["transformers"] / mem["bf16-cache"], 2),
+        "cache_ratio_fp8_cache": round(mem["transformers"] / mem["fp8-cache"], 2),
         "token_agreement_with_transformers": agree,
         "targets": {"throughput_ratio": 20, "cache_ratio": 20},
     }
@@ -272,7 +282,7 @@ def part_b(args: argparse.Namespace, bw: Bandwidth) -> dict[str, Any]:
         nbytes = fixed + sum(touched) * per_expert
         step_s.append(dt_s)
         rates.append(nbytes / dt_s / 1e9)
-        cache_bytes.append(ctx * llm.cache.data[:, 0, 0].numel() * llm.cache.data.element_size())
+        cache_bytes.append(ctx * llm.cache.block_bytes // llm.cache.block_size)
     active = fixed + llm.config.text.num_experts_per_tok * per_expert * len(
         [m for m in llm.model.modules() if isinstance(m, MoE)])
     achieved, machine, best = median(rates), median(read), max(read)
