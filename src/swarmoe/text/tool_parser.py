@@ -305,11 +305,12 @@ class StreamingParser:
     def _holdback(self) -> int:
         """Index from which `buf` might be the start of a marker (len(buf) if nowhere)."""
         buf = self._buf
-        for i in range(max(0, len(buf) - _MAX_MARKER + 1), len(buf)):
-            if buf[i] == "<":
-                tail = buf[i:]
-                if any(m.startswith(tail) for m in _MARKERS):
-                    return i
+        i = buf.find("<", max(0, len(buf) - _MAX_MARKER + 1))
+        while i != -1:
+            tail = buf[i:]
+            if any(m.startswith(tail) for m in _MARKERS):
+                return i
+            i = buf.find("<", i + 1)
         return len(buf)
 
     def _run(self, *, final: bool) -> None:
