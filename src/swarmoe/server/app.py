@@ -33,7 +33,7 @@ from swarmoe.server.outputs import (
     finish_reason,
     parse_chat,
 )
-from swarmoe.server.prompts import chat_prompt, completion_prompts, sampling_params
+from swarmoe.server.prompts import completion_prompts, prepare_chat, sampling_params
 from swarmoe.server.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -168,8 +168,7 @@ class _Server:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Any:
         self.check_model(req.model)
-        prepared = await asyncio.to_thread(chat_prompt, req, self.tokenizer, self.template,
-                                           self.engine.config)
+        prepared = await prepare_chat(req, self.tokenizer, self.template, self.engine.config)
         params = sampling_params(req, prepared.num_tokens, self.engine.max_model_len,
                                  stop_token_ids=self.chat_stop_ids)
         rid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -21,7 +21,7 @@ from swarmoe.engine.llm import LLM
 from swarmoe.server.app import EngineClient
 from swarmoe.server.errors import APIError
 from swarmoe.server.outputs import parse_chat
-from swarmoe.server.prompts import chat_prompt, sampling_params
+from swarmoe.server.prompts import prepare_chat, sampling_params
 from swarmoe.server.protocol import ChatCompletionRequest
 from swarmoe.swarm.backends import AssistantMessage, BackendError, Message, ToolCall, Usage
 from swarmoe.text import ChatTemplate
@@ -49,8 +49,8 @@ class LocalChatBackend:
             body["tools"] = list(tools)
         try:
             req = ChatCompletionRequest.model_validate(body)
-            prepared = await asyncio.to_thread(chat_prompt, req, self.engine.tokenizer, self.template,
-                                               self.engine.config)
+            prepared = await prepare_chat(req, self.engine.tokenizer, self.template,
+                                          self.engine.config)
             params = sampling_params(req, prepared.num_tokens, self.engine.max_model_len,
                                      stop_token_ids=self.stop_ids)
         except pydantic.ValidationError as exc:

@@ -6,6 +6,7 @@ must not touch the event loop; every problem becomes an `APIError` naming the fi
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -44,6 +45,37 @@ class ChatPrompt:
     num_tokens: int
     forced: str
     thinking: bool | None
+
+
+# Up to this much message text, a prompt is built on the event loop: rendering and encoding
+# a short chat takes ~0.09 ms, handing it to a worker thread and back ~0.23 ms.
+LIGHT_CHARS = 16_384
+
+
+async def prepare_chat(
+    req: ChatCompletionRequest, tokenizer: Tokenizer, template: ChatTemplate, config: ModelConfig
+) -> ChatPrompt:
+    """`chat_prompt` without blocking the event loop on big prompts (images, long contexts)."""
+    if _is_light(req):
+        return chat_prompt(req, tokenizer, template, config)
+    return await asyncio.to_thread(chat_prompt, req, tokenizer, template, config)
+
+
+def _is_light(req: ChatCompletionRequest) -> bool:
+    """Whether building `req`'s prompt is too cheap to be worth a thread: no images, few tools,
+    little text."""
+    if len(req.tools or ()) > 8:
+        return False
+    size = 0
+    for msg in req.messages:
+        if isinstance(msg.content, str):
+            size += len(msg.content)
+        elif msg.content:
+            for part in msg.content:
+                if isinstance(part, ImagePart):
+                    return False
+                size += len(part.text)
+    return size <= LIGHT_CHARS
 
 
 def chat_prompt(
