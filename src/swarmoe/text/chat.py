@@ -10,6 +10,7 @@ model's vision tokens are spliced in by `expand_media_pads` once their counts ar
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -281,6 +282,12 @@ def _expand_video_markers(text: str, videos: Sequence[Mapping[str, Any]]) -> str
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(source: str | None) -> ChatTemplate:
+    """Templates by source, compiled once: compiling costs ~15 ms, rendering ~0.1 ms."""
+    return ChatTemplate(source)
+
+
 def render_chat(
     messages: Sequence[Any],
     *,
@@ -293,7 +300,7 @@ def render_chat(
     """Render with `template`, else the tokenizer's own template, else the built-in K2.5 one."""
     if not isinstance(template, ChatTemplate):
         source = template if template is not None else getattr(tokenizer, "chat_template", None)
-        template = ChatTemplate(source)
+        template = _compiled(source)
     return template.render(
         messages,
         tools=tools,
