@@ -1,5 +1,6 @@
-"""Every dispatch path (calling thread / expert-parallel workers, grouped GEMMs / per-expert loop,
-weight-left bf16 GEMMs, INT4 experts, autograd) against a per-token, per-slot reference."""
+"""Every dispatch path (calling thread / expert-parallel workers, pairs grouped in Python / sorted
+by expert, grouped GEMMs / per-expert loop, GEMV rows, weight-left bf16 GEMMs, INT4 experts,
+autograd) against a per-token, per-slot reference."""
 
 from __future__ import annotations
 
@@ -44,9 +45,11 @@ def reference(x, idx, w, ex, shared):
 @pytest.mark.parametrize("workers", [True, False])
 @pytest.mark.parametrize("kind", ["dense", "int4"])
 @pytest.mark.parametrize("grouped", [True, False])
-def test_dispatch_paths_match_reference(monkeypatch, tokens, threads, workers, kind, grouped):
+@pytest.mark.parametrize("direct", [True, False])
+def test_dispatch_paths_match_reference(monkeypatch, tokens, threads, workers, kind, grouped, direct):
     monkeypatch.setattr(moe, "PARALLEL_MIN_HIDDEN", 0 if workers else 1 << 30)
     monkeypatch.setattr(moe, "GROUPED_MAX_SPAN", E if grouped else 0)
+    monkeypatch.setattr(moe, "DIRECT_PAIRS", 1 << 30 if direct else 0)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -89,3 +92,44 @@ def test_workers_leave_the_thread_default_alone(monkeypatch):
         assert seen == [2]
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("tokens", [1, 6, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_layer_on_workers_matches_calling_thread(monkeypatch, tokens, dtype):
+    """MoE.forward on the workers (routing and the shared expert started there) against the
+    calling-thread path, routing hooks included."""
+    from swarmoe.config import TextConfig
+
+    cfg = TextConfig(
+        vocab_size=256, hidden_size=H, intermediate_size=4 * H, moe_intermediate_size=INTER,
+        num_hidden_layers=1, num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=E, num_experts_per_tok=K,
+        n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+    )
+    torch.manual_seed(0)
+    layer = moe.MoE(cfg, layer_idx=3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape) * p.shape[-1] ** -0.5)
+    layer.to(dtype)
+    layer.gate.float()
+    seen = []
+    layer.routing_hooks.append(lambda i, idx: seen.append((i, idx.clone())))
+    x = torch.randn(2, tokens, H).to(dtype)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            want = layer(x)
+        torch.set_num_threads(2)
+        monkeypatch.setattr(moe, "PARALLEL_MIN_HIDDEN", 0)
+        with torch.inference_mode():
+            got = layer(x)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == x.shape and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+    assert len(seen) == 2 and seen[0][0] == seen[1][0] == 3
+    assert torch.equal(seen[0][1], seen[1][1])
