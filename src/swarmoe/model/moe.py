@@ -86,8 +86,17 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N,H] -> (indices [N,k], weights [N,k] float32)."""
-        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
-        scores = F.linear(x if x.dtype == torch.float32 else x.float(), weight).sigmoid_()
+        return self.select(self.logits(x))
+
+    def logits(self, x: torch.Tensor, experts: slice = slice(None)) -> torch.Tensor:
+        """Router logits [N, E] in float32 (of the experts in `experts` only, if given)."""
+        weight = self.weight[experts]
+        weight = weight if weight.dtype == torch.float32 else weight.float()
+        return F.linear(x if x.dtype == torch.float32 else x.float(), weight)
+
+    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [N,E] (overwritten) -> (indices [N,k], weights [N,k] float32)."""
+        scores = logits.sigmoid_()
         choice = scores + self.e_score_correction_bias
         if self.topk_group < self.n_group:
             n = choice.shape[0]
@@ -142,19 +151,21 @@ ROWS_PER_EXPERT_READ = 12
 TASKS_PER_WORKER = 6
 # Up to this many (token, slot) pairs, dispatch groups them by expert in Python (decode).
 DIRECT_PAIRS = 64
+# From this many tokens the router GEMM is split between two workers.
+ROUTER_SPLIT_ROWS = 16
 
 
 def _worker_threads(x: torch.Tensor) -> int:
     """Worker threads for expert parallelism over x, 0 to stay on the calling thread."""
     threads = torch.get_num_threads()
-    if threads > 1 and x.shape[-1] >= PARALLEL_MIN_HIDDEN and x.device.type == "cpu" and not torch.is_grad_enabled():
+    if threads > 1 and x.shape[-1] >= PARALLEL_MIN_HIDDEN and x.is_cpu and not torch.is_grad_enabled():
         return threads
     return 0
 
 
 class _Plan:
-    """One inference dispatch: (token, expert) rows sorted by expert, and the work over them as
-    tasks that workers take in turn (`drain`), each writing its own rows of `out`.
+    """One inference dispatch: the (token, slot) pairs grouped by expert, and the work over them
+    as tasks that workers take in turn (`drain`), each writing its own pairs' rows of `out`.
 
     Expert parallelism: on a CPU, splitting every small GEMM across cores costs a fork/join per
     GEMM (hundreds per layer, each stalling when a core is busy elsewhere); giving each core whole
@@ -177,7 +188,7 @@ class _Plan:
             # Decode: group the few (token, slot) pairs by expert in Python (a handful of tensor
             # ops fewer: with caches cold, each op costs tens of microseconds) and write each
             # expert's rows straight to their (token, slot) rows of out.
-            self.order = None
+            self.weighted = False
             self.out = out = x.new_empty(n * k, x.shape[1])
             slots: dict[int, list[int]] = {}
             for i, e in enumerate(itertools.chain.from_iterable(indices.tolist())):
@@ -187,18 +198,21 @@ class _Plan:
             ]
             return
         flat = indices.reshape(-1)
-        self.order = order = flat.argsort(stable=True)
+        order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=experts.num_experts)
         active = counts.nonzero().flatten()
         ids = active.tolist()
         ends = counts.index_select(0, active).cumsum(0).tolist()
-        xs = x.index_select(0, order // k)
-        self.out = out = torch.empty_like(xs)
+        # Each task gathers its own rows, weights its results and puts them back in (token, slot)
+        # order itself: that work runs in parallel instead of before and after the experts.
+        pairs = (order, order // k, weights.reshape(-1).index_select(0, order))
+        self.out = out = x.new_empty(n * k, x.shape[1])
         self.tasks: list[Callable[[], object]] = [
             lambda first=first, last=last: _run_experts(
-                ids[first:last], ends, first, last, xs, out, experts, stacks, lock)
+                ids[first:last], ends, first, last, pairs, x, out, experts, stacks, lock)
             for first, last in _partition(ends, TASKS_PER_WORKER * threads if threads else 1)
         ]
+        self.weighted = True
 
     def drain(self) -> None:
         """Run tasks not yet taken by another thread until none is left."""
@@ -210,17 +224,11 @@ class _Plan:
     def finish(self, shared_out: list[torch.Tensor]) -> torch.Tensor:
         """The weighted sum over each token's experts, plus the shared experts' outputs."""
         n, k = self.shape
-        out, order = self.out, self.order
-        if order is None:
-            # Rows already in (token, slot) order; weights stay float32 until the product is rounded.
-            y = out.view(n, k, out.shape[1]).mul_(self.weights.unsqueeze(-1)).sum(1)
-            for part in shared_out:
-                y += part
-            return y
-        # Routing weights stay float32 until the product is rounded, as the reference does.
-        out.mul_(self.weights.reshape(-1).index_select(0, order).unsqueeze(1))
-        # Back to (token, slot) order and sum the k slots: a gather and a reduction, no scatter.
-        y = out.index_select(0, order.argsort()).view(n, k, out.shape[1]).sum(1)
+        out = self.out.view(n, k, self.out.shape[1])
+        if not self.weighted:
+            # Weights stay float32 until the product is rounded, as the reference does.
+            out.mul_(self.weights.unsqueeze(-1))
+        y = out.sum(1)
         for part in shared_out:
             y += part
         return y
@@ -253,9 +261,34 @@ def _moe_on_workers(layer: MoE, x: torch.Tensor, threads: int) -> torch.Tensor:
     shared_out: list[torch.Tensor] = []
     planned = threading.Event()
 
+    gate = layer.gate
+    # Many rows: the router GEMM is worth splitting (by experts) between the lead and a helper.
+    split = type(gate) is Router and x.shape[0] >= ROUTER_SPLIT_ROWS
+    half = gate.weight.shape[0] // 2
+    other: list[torch.Tensor] = []
+    other_done = threading.Event()
+    # Whoever claims the other half first computes it: the lead never waits for a helper that has
+    # not started (with concurrent callers sharing the pool it might never start).
+    claim = itertools.count()
+
+    def other_half() -> None:
+        try:
+            other.append(gate.logits(x, slice(half, None)))
+        finally:
+            other_done.set()
+
     def lead() -> None:
         try:
-            indices, weights = layer.gate(x)
+            if split:
+                mine = gate.logits(x, slice(None, half))
+                if next(claim) == 0:
+                    other_half()
+                other_done.wait()
+                if not other:  # the helper failed: fail here with its error
+                    other_half()
+                indices, weights = gate.select(torch.cat([mine, other[0]], dim=1))
+            else:
+                indices, weights = gate(x)
             for hook in layer.routing_hooks:
                 hook(layer.layer_idx, indices)
             plan.append(_Plan(x, indices, weights, layer.experts, threads))
@@ -263,16 +296,18 @@ def _moe_on_workers(layer: MoE, x: torch.Tensor, threads: int) -> torch.Tensor:
             planned.set()  # also on failure, so that helpers stop waiting
         plan[0].drain()
 
-    def helper(shared: bool) -> None:
-        if shared:
+    def helper(first: bool) -> None:
+        if first and split and next(claim) == 0:
+            other_half()
+        if first and layer.shared_experts is not None:
             shared_out.append(_shared_task(layer.shared_experts, x)())
         planned.wait()
         if plan:
             plan[0].drain()
 
-    has_shared = layer.shared_experts is not None
-    # The lead is submitted first, so it never waits behind a helper that waits for it.
-    _run_on_workers([lead] + [lambda j=j: helper(has_shared and j == 0) for j in range(threads - 1)], threads)
+    # The lead is submitted first, so it never waits behind a helper that waits for it, and it
+    # waits for a helper only when that helper is already computing the other router half.
+    _run_on_workers([lead] + [lambda j=j: helper(j == 0) for j in range(threads - 1)], threads)
     return plan[0].finish(shared_out)
 
 
@@ -365,20 +400,23 @@ def _run_experts(
     ends: list[int],
     first: int,
     last: int,
-    xs: torch.Tensor,
+    sorted_pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    x: torch.Tensor,
     out: torch.Tensor,
     experts: ExpertWeights,
     stacks: tuple[torch.Tensor, torch.Tensor] | None,
     lock: threading.Lock | None,
 ) -> None:
-    """Active experts ids (= active[first:last]) over their rows of xs (sorted by expert), into
-    the same rows of out."""
+    """Active experts ids (= active[first:last]) over their rows of the pairs sorted by expert,
+    `sorted_pairs` = (pair index in (token, slot) order, token, float32 weight), weighted, into
+    the pairs' rows of out."""
     start = ends[first - 1] if first else 0
     stop = ends[last - 1] if last > first else start
-    rows = xs[start:stop]
     if not ids:
         return
-    weight_left = xs.dtype in WEIGHT_LEFT
+    order, token, weight = (t[start:stop] for t in sorted_pairs)
+    rows = x.index_select(0, token)
+    weight_left = x.dtype in WEIGHT_LEFT
     if (
         stacks is not None
         and not weight_left
@@ -396,35 +434,38 @@ def _run_experts(
         h = torch._grouped_mm(rows, gate_up[lo:hi].transpose(1, 2), offs=offs)
         gate, up = h.chunk(2, dim=-1)
         act = F.silu(gate, inplace=True).mul_(up)
-        out[start:stop] = torch._grouped_mm(act, down[lo:hi].transpose(1, 2), offs=offs)
-        return
-    row = 0
-    for i, e in enumerate(ids):
-        end = ends[first + i] - start
-        if stacks is not None:
-            gate_up, down = stacks[0][e], stacks[1][e]
-        elif lock is None:
-            gate_up, down = experts.expert(e, xs.dtype)
-        else:
-            with lock:
-                gate_up, down = experts.expert(e, xs.dtype)
-        dst = out[start + row : start + end]
-        if end - row == 1:
-            # GEMV kernels: for bf16 far faster than a one-row GEMM.
-            h = torch.mv(gate_up, rows[row])
-            inter = h.shape[0] // 2
-            torch.mv(down, F.silu(h[:inter], inplace=True).mul_(h[inter:]), out=dst[0])
-        elif weight_left:
-            # (W @ x^T)^T: the weight as the left operand, which oneDNN runs faster for bf16.
-            h = torch.mm(gate_up, rows[row:end].t())
-            inter = h.shape[0] // 2
-            act = F.silu(h[:inter], inplace=True).mul_(h[inter:])
-            torch.mm(down, act, out=dst.t())
-        else:
-            h = torch.mm(rows[row:end], gate_up.t())
-            gate, up = h.chunk(2, dim=-1)
-            torch.mm(F.silu(gate, inplace=True).mul_(up), down.t(), out=dst)
-        row = end
+        res = torch._grouped_mm(act, down[lo:hi].transpose(1, 2), offs=offs)
+    else:
+        res = torch.empty_like(rows)
+        row = 0
+        for i, e in enumerate(ids):
+            end = ends[first + i] - start
+            if stacks is not None:
+                gate_up, down = stacks[0][e], stacks[1][e]
+            elif lock is None:
+                gate_up, down = experts.expert(e, x.dtype)
+            else:
+                with lock:
+                    gate_up, down = experts.expert(e, x.dtype)
+            dst = res[row:end]
+            if end - row == 1:
+                # GEMV kernels: for bf16 far faster than a one-row GEMM.
+                h = torch.mv(gate_up, rows[row])
+                inter = h.shape[0] // 2
+                torch.mv(down, F.silu(h[:inter], inplace=True).mul_(h[inter:]), out=dst[0])
+            elif weight_left:
+                # (W @ x^T)^T: the weight as the left operand, which oneDNN runs faster for bf16.
+                h = torch.mm(gate_up, rows[row:end].t())
+                inter = h.shape[0] // 2
+                act = F.silu(h[:inter], inplace=True).mul_(h[inter:])
+                torch.mm(down, act, out=dst.t())
+            else:
+                h = torch.mm(rows[row:end], gate_up.t())
+                gate, up = h.chunk(2, dim=-1)
+                torch.mm(F.silu(gate, inplace=True).mul_(up), down.t(), out=dst)
+            row = end
+    # Routing weights stay float32 until the product is rounded, as the reference does.
+    out.index_copy_(0, order, res.mul_(weight.unsqueeze(1)))
 
 
 # A run of experts uses grouped GEMMs when it spans at most this many experts per active one
