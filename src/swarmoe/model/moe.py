@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -236,20 +236,8 @@ class _Plan:
 
 def _run_on_workers(jobs: list[Callable[[], object]], threads: int) -> None:
     """Run each job on an expert worker, in the caller's inference mode, and wait for all."""
-    for f in _submit(jobs, threads):
-        f.result()
-
-
-def _submit(jobs: list[Callable[[], object]], threads: int) -> list[Future]:
     # Grad mode and inference mode are per thread: carry the caller's into the workers.
-    inference = torch.is_inference_mode_enabled()
-
-    def work(job: Callable[[], object]) -> None:
-        with torch.inference_mode(inference), torch.no_grad():
-            job()
-
-    pool = _expert_pool(threads)
-    return [pool.submit(work, job) for job in jobs]
+    _expert_pool(threads).run(jobs, torch.is_inference_mode_enabled())
 
 
 def _moe_on_workers(layer: MoE, x: torch.Tensor, threads: int) -> torch.Tensor:
@@ -259,31 +247,32 @@ def _moe_on_workers(layer: MoE, x: torch.Tensor, threads: int) -> torch.Tensor:
     each costs a thread wake-up, which on a busy machine can cost more than the GEMVs."""
     plan: list[_Plan] = []
     shared_out: list[torch.Tensor] = []
-    planned = threading.Event()
-
+    # Latches (held until released once; cheaper than Events): the plan is ready, the other
+    # router half is computed.
+    planned, other_done = threading.Lock(), threading.Lock()
+    planned.acquire()
+    other_done.acquire()
     gate = layer.gate
     # Many rows: the router GEMM is worth splitting (by experts) between the lead and a helper.
-    split = type(gate) is Router and x.shape[0] >= ROUTER_SPLIT_ROWS
-    half = gate.weight.shape[0] // 2
+    split = x.shape[0] >= ROUTER_SPLIT_ROWS and type(gate) is Router
     other: list[torch.Tensor] = []
-    other_done = threading.Event()
     # Whoever claims the other half first computes it: the lead never waits for a helper that has
     # not started (with concurrent callers sharing the pool it might never start).
     claim = itertools.count()
 
     def other_half() -> None:
         try:
-            other.append(gate.logits(x, slice(half, None)))
+            other.append(gate.logits(x, slice(gate.weight.shape[0] // 2, None)))
         finally:
-            other_done.set()
+            other_done.release()
 
     def lead() -> None:
         try:
             if split:
-                mine = gate.logits(x, slice(None, half))
+                mine = gate.logits(x, slice(None, gate.weight.shape[0] // 2))
                 if next(claim) == 0:
                     other_half()
-                other_done.wait()
+                other_done.acquire()
                 if not other:  # the helper failed: fail here with its error
                     other_half()
                 indices, weights = gate.select(torch.cat([mine, other[0]], dim=1))
@@ -293,7 +282,7 @@ def _moe_on_workers(layer: MoE, x: torch.Tensor, threads: int) -> torch.Tensor:
                 hook(layer.layer_idx, indices)
             plan.append(_Plan(x, indices, weights, layer.experts, threads))
         finally:
-            planned.set()  # also on failure, so that helpers stop waiting
+            planned.release()  # also on failure, so that helpers stop waiting
         plan[0].drain()
 
     def helper(first: bool) -> None:
@@ -301,7 +290,8 @@ def _moe_on_workers(layer: MoE, x: torch.Tensor, threads: int) -> torch.Tensor:
             other_half()
         if first and layer.shared_experts is not None:
             shared_out.append(_shared_task(layer.shared_experts, x)())
-        planned.wait()
+        planned.acquire()
+        planned.release()  # for the next helper
         if plan:
             plan[0].drain()
 
@@ -477,37 +467,89 @@ GROUPED_MAX_SPAN = 4
 WEIGHT_LEFT = {torch.bfloat16}
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+class _Batch:
+    """Jobs submitted together: the caller waits on `done` until the last one has run."""
+
+    __slots__ = ("done", "errors", "finished", "inference", "size")
+
+    def __init__(self, size: int, inference: bool) -> None:
+        self.size = size
+        self.inference = inference
+        self.finished = itertools.count(1)  # next() on a count is atomic under the GIL
+        self.errors: list[BaseException] = []
+        self.done = threading.Lock()
+        self.done.acquire()
+
+
+class _Workers:
+    """`threads` persistent threads whose torch ops run single-threaded, fed by one queue.
+
+    Leaner than a ThreadPoolExecutor (a C queue and a lock per batch, no futures): at one token
+    the layer's hand-offs are a good part of its time, and with caches cold after the previous
+    layer every line of Python on the way costs.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.size = threads
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        ready = threading.Barrier(threads + 1)
+        for i in range(threads):
+            threading.Thread(target=self._loop, args=(ready,), name=f"swarmoe-experts-{i}", daemon=True).start()
+        ready.wait()
+        # torch.set_num_threads also sets the default that new threads start with: restore it.
+        torch.set_num_threads(threads)
+
+    def _loop(self, ready: threading.Barrier) -> None:
+        torch.set_num_threads(1)
+        ready.wait()
+        get = self.queue.get
+        while (item := get()) is not None:
+            job, batch = item
+            try:
+                with torch.inference_mode(batch.inference), torch.no_grad():
+                    job()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                batch.errors.append(e)
+            if next(batch.finished) == batch.size:
+                batch.done.release()
+
+    def run(self, jobs: list[Callable[[], object]], inference: bool) -> None:
+        """Run the jobs, wait for all of them and raise the first failure."""
+        batch = _Batch(len(jobs), inference)
+        if not jobs:
+            return
+        for job in jobs:
+            self.queue.put((job, batch))
+        batch.done.acquire()
+        if batch.errors:
+            raise batch.errors[0]
+
+    def stop(self) -> None:
+        for _ in range(self.size):
+            self.queue.put(None)
+
+
+_pool: _Workers | None = None
 _pool_lock = threading.Lock()
 
 
-def _expert_pool(threads: int) -> ThreadPoolExecutor:
+def _expert_pool(threads: int) -> _Workers:
     """`threads` persistent workers whose torch ops run single-threaded."""
-    global _pool, _pool_size
+    global _pool
+    pool = _pool
+    if pool is not None and pool.size == threads:
+        return pool
     with _pool_lock:
-        if _pool is None or _pool_size != threads:
+        if _pool is None or _pool.size != threads:
             if _pool is not None:
-                _pool.shutdown(wait=False)
-            ready = threading.Barrier(threads + 1)
-
-            def init() -> None:
-                torch.set_num_threads(1)
-                ready.wait()
-
-            pool = ThreadPoolExecutor(threads, thread_name_prefix="swarmoe-experts", initializer=init)
-            for _ in range(threads):
-                pool.submit(int)
-            ready.wait()
-            # torch.set_num_threads also sets the default that new threads start with: restore it.
-            torch.set_num_threads(threads)
-            _pool, _pool_size = pool, threads
+                _pool.stop()
+            _pool = _Workers(threads)
         return _pool
 
 
 def _forget_pool() -> None:
-    global _pool, _pool_size
-    _pool, _pool_size = None, 0
+    global _pool
+    _pool = None
 
 
 os.register_at_fork(after_in_child=_forget_pool)
