@@ -354,6 +354,30 @@ def _swiglu(
         torch.mm(act, down.t(), out=out)
 
 
+def _expert_weights(
+    e: int,
+    dtype: torch.dtype,
+    experts: ExpertWeights,
+    stacks: tuple[torch.Tensor, torch.Tensor] | None,
+    lock: threading.Lock | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up, down) of expert e: a view of the stacked weights, else from the provider
+    (under `lock` when it is not thread-safe)."""
+    if stacks is not None:
+        return stacks[0][e], stacks[1][e]
+    if lock is None:
+        return experts.expert(e, dtype)
+    with lock:
+        return experts.expert(e, dtype)
+
+
+def _expert_gemv(gate_up: torch.Tensor, down: torch.Tensor, row: torch.Tensor, out: torch.Tensor) -> None:
+    """One token through one expert with GEMV kernels (for bf16 far faster than a 1-row GEMM)."""
+    h = torch.mv(gate_up, row)
+    inter = h.shape[0] // 2
+    torch.mv(down, F.silu(h[:inter], inplace=True).mul_(h[inter:]), out=out)
+
+
 def _run_direct(
     e: int,
     slots: list[int],
@@ -366,17 +390,9 @@ def _run_direct(
 ) -> None:
     """Expert e over the tokens of its (token, slot) pairs `slots` (token = slot // k), into
     those rows of out."""
-    if stacks is not None:
-        gate_up, down = stacks[0][e], stacks[1][e]
-    elif lock is None:
-        gate_up, down = experts.expert(e, x.dtype)
-    else:
-        with lock:
-            gate_up, down = experts.expert(e, x.dtype)
+    gate_up, down = _expert_weights(e, x.dtype, experts, stacks, lock)
     if len(slots) == 1:
-        h = torch.mv(gate_up, x[slots[0] // k])
-        inter = h.shape[0] // 2
-        torch.mv(down, F.silu(h[:inter], inplace=True).mul_(h[inter:]), out=out[slots[0]])
+        _expert_gemv(gate_up, down, x[slots[0] // k], out[slots[0]])
         return
     rows = x[[s // k for s in slots]]
     inter = gate_up.shape[0] // 2
@@ -430,19 +446,10 @@ def _run_experts(
         row = 0
         for i, e in enumerate(ids):
             end = ends[first + i] - start
-            if stacks is not None:
-                gate_up, down = stacks[0][e], stacks[1][e]
-            elif lock is None:
-                gate_up, down = experts.expert(e, x.dtype)
-            else:
-                with lock:
-                    gate_up, down = experts.expert(e, x.dtype)
+            gate_up, down = _expert_weights(e, x.dtype, experts, stacks, lock)
             dst = res[row:end]
             if end - row == 1:
-                # GEMV kernels: for bf16 far faster than a one-row GEMM.
-                h = torch.mv(gate_up, rows[row])
-                inter = h.shape[0] // 2
-                torch.mv(down, F.silu(h[:inter], inplace=True).mul_(h[inter:]), out=dst[0])
+                _expert_gemv(gate_up, down, rows[row], dst[0])
             elif weight_left:
                 # (W @ x^T)^T: the weight as the left operand, which oneDNN runs faster for bf16.
                 h = torch.mm(gate_up, rows[row:end].t())
