@@ -15,12 +15,14 @@ limit or a model call that keeps failing end a run, with `RunStopped` carrying t
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -352,6 +354,7 @@ class _Run:
                                              f"give the server a prefix")
                         self.tools[t.name] = t
                 self.tool_schemas = [t.schema for t in self.tools.values()]
+                stack.enter_context(_older_objects_frozen())
                 outcome = await self._supervise()
         except BaseException:
             self.journal.set_meta(status="interrupted")
@@ -601,3 +604,27 @@ class _AnswerChecker:
             return f"Your final answer is not valid: {e}. {self.instructions}"
         return None
 
+
+_frozen_runs = 0
+_frozen_lock = threading.Lock()
+
+
+@contextmanager
+def _older_objects_frozen() -> Iterator[None]:
+    """Keep what exists when a run starts (modules, classes, the caller's data) out of the
+    garbage collector's scans while runs are going: a swarm allocates messages and events by
+    the ten thousand, and each full collection would walk the whole process again, on the event
+    loop (a 100 x 15 run spent ~0.1 s of its critical path in collections, ~0.03 s frozen).
+    Unfrozen when the last run ends, so nothing is kept alive."""
+    global _frozen_runs
+    with _frozen_lock:
+        if _frozen_runs == 0:
+            gc.freeze()
+        _frozen_runs += 1
+    try:
+        yield
+    finally:
+        with _frozen_lock:
+            _frozen_runs -= 1
+            if _frozen_runs == 0:
+                gc.unfreeze()
