@@ -17,6 +17,7 @@ are adjacent in time, which matters on a shared machine), and the `best_*` field
 best run of each side. Prints one JSON line.
 
     .venv/bin/python benchmarks/server.py [--size tiny|small] [--requests 100] [--max-tokens 32]
+                                          [--rounds 5] [--out benchmarks/results/server.jsonl]
 """
 
 from __future__ import annotations
@@ -229,6 +230,7 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny",
                     help="random checkpoint to make (ignored with --checkpoint)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="serve this one instead")
+    ap.add_argument("--out", type=Path, default=None, help="append the JSON line to this file")
     ap.add_argument("--stream-interval", type=float, default=None,
                     help="the server's --stream-interval (default: the server's default)")
     args = ap.parse_args()
@@ -267,7 +269,11 @@ def main() -> None:
         **sides.pop("lean"),
         "openai_client": sides.pop("openai"),
     }
-    print(json.dumps(result))
+    line = json.dumps(result)
+    print(line)
+    if args.out:
+        with args.out.open("a") as f:
+            f.write(line + "\n")
 
 
 def _summary(served: list[dict], direct: list[dict]) -> dict:
