@@ -1,7 +1,8 @@
 """From an OpenAI request to what the engine runs: prompt ids, media tensors, sampling params.
 
-Runs in a worker thread (image decoding and tokenising long chats take real CPU time), so it
-must not touch the event loop; every problem becomes an `APIError` naming the field.
+`prepare_chat` builds short chats on the event loop and hands images and long chats to a worker
+thread (decoding and tokenising them take real CPU time), so the builders below must not touch
+the event loop; every problem becomes an `APIError` naming the field.
 """
 
 from __future__ import annotations
