@@ -130,3 +130,28 @@ def test_unknown_config_keys_and_bad_values_are_named():
         Swarm(42)
     with pytest.raises(TypeError, match="result_schema"):
         Swarm(FakeModel(str).backend(), result_schema=42)
+
+
+async def test_runs_leave_the_garbage_collector_as_they_found_it(tmp_path):
+    """Objects older than a run are frozen out of GC scans only while runs go, also when a run
+    is stopped, so nothing stays alive after it."""
+    import gc
+
+    frozen_during = []
+
+    @tool
+    async def probe() -> str:
+        """Report."""
+        frozen_during.append(gc.get_freeze_count())
+        return "ok"
+
+    assert gc.get_freeze_count() == 0
+    once = FakeModel(lambda body: reply(tool_calls=[("probe", {})])
+                     if sum(m["role"] == "assistant" for m in body["messages"]) == 0 else reply("done"))
+    assert (await Swarm(once.backend(), tools=[probe], runs_dir=tmp_path).run("t")).answer == "done"
+    assert frozen_during and frozen_during[0] > 0
+    assert gc.get_freeze_count() == 0
+    forever = FakeModel(lambda body: reply(tool_calls=[("probe", {})]))
+    with pytest.raises(RunStopped):
+        await Swarm(forever.backend(), tools=[probe], orchestrator_max_steps=2, runs_dir=tmp_path).run("t")
+    assert gc.get_freeze_count() == 0
