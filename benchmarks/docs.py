@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from record import report
+
 REPO = Path(__file__).resolve().parent.parent
 KS = (1, 5, 10)
 
@@ -178,12 +180,7 @@ def main() -> None:
         f"plain pypdf parse {i5['plain_pypdf_parse_only']} s"
     )
     print(f"search: {result['search_ms_per_query']} ms/query")
-    line = json.dumps(result)
-    print(line)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(line + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from record import report  # noqa: E402
 from swarmoe import LLM, SamplingParams  # noqa: E402
 from swarmoe.model.moe import MoE  # noqa: E402
 from swarmoe.testing import make_tiny_checkpoint, tiny_config, write_tiny_tokenizer  # noqa: E402
@@ -414,11 +415,7 @@ def main() -> None:
             "commit": commit,
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         })
-        line = json.dumps(result)
-        print(line, flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as f:
-            f.write(line + "\n")
+        report(result, args.out)
         gc.collect()
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from record import report  # noqa: E402
 from swarmoe.config import TextConfig  # noqa: E402
 from swarmoe.model.moe import MoE  # noqa: E402
 
@@ -251,12 +251,7 @@ def main() -> None:
             "one_token_ge_50pct_read_bw": bool(one_token) and all(r["gbps"]["swarmoe"] >= 0.5 * bw for r in one_token),
         },
     }
-    line = json.dumps(result)
-    print(line)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(line + "\n")
+    report(result, args.out)
 
 
 def print_table(rows: list[dict], impls: list[str], bw: float) -> None:

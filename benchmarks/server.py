@@ -47,6 +47,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from record import report  # noqa: E402
 from swarmoe import LLM, SamplingParams  # noqa: E402
 from swarmoe.testing import make_tiny_checkpoint  # noqa: E402
 from swarmoe.text import encode_chat  # noqa: E402
@@ -269,11 +270,7 @@ def main() -> None:
         **sides.pop("lean"),
         "openai_client": sides.pop("openai"),
     }
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        with args.out.open("a") as f:
-            f.write(line + "\n")
+    report(result, args.out)
 
 
 def _summary(served: list[dict], direct: list[dict]) -> dict:

@@ -34,6 +34,7 @@ import openai.types.chat  # noqa: F401  (imported before any timing, for every c
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
+from record import report
 from swarmoe import Swarm, tool
 from swarmoe.swarm.backends import OpenAIBackend
 from swarmoe.swarm.swarm import ORCHESTRATOR_PROMPT, SWARM_TOOLS
@@ -232,11 +233,7 @@ def main() -> None:
     print(f"critical path {critical_path:.2f} s; swarmoe/critical path "
           f"{record['swarmoe_wall_over_critical_path']}; swarmoe/langgraph "
           f"{record['swarmoe_wall_over_langgraph']}; single/swarmoe {record['single_over_swarmoe']}")
-    line = json.dumps(record)
-    print(line)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    report(record, args.out)
 
 
 if __name__ == "__main__":
