@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import threading
 import time
@@ -23,17 +24,34 @@ from swarmoe.engine.sampling import SamplingParams
 if TYPE_CHECKING:
     from swarmoe.text import Tokenizer
 
-_DONE = object()
+DONE = object()  # the end of a request's outputs
+
+
+@dataclass(slots=True)
+class Throttle:
+    """When a stream may get its next output (see `AsyncEngine.generate`'s `interval`)."""
+
+    interval: float | None
+    next_at: float = 0.0
+
+    def due(self, out: RequestOutput, now: float) -> bool:
+        """Whether `out` goes out now: the last output always; others once per interval (each
+        output holds all the tokens so far, so a skipped one loses nothing)."""
+        if self.interval is None or out.finished:
+            return True
+        if now < self.next_at:
+            return False
+        self.next_at = now + self.interval
+        return True
 
 
 @dataclass(slots=True)
 class _Stream:
-    """Where one request's outputs go, and when the next may go (see `generate`'s interval)."""
+    """Where one request's outputs go, and when."""
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    interval: float | None
-    next_at: float = 0.0
+    throttle: Throttle
 
 
 class AsyncEngine:
@@ -89,28 +107,20 @@ class AsyncEngine:
             future.set_exception(exc)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
-        """One wake-up per event loop per step, however many of its requests moved.
-
-        A stream with an interval skips outputs until its next slot (each output holds all the
-        tokens so far, so a skipped one loses nothing); the last output always goes at once.
-        """
+        """One wake-up per event loop per step, however many of its requests moved."""
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         now = time.monotonic()
         for out in outputs:
             stream = self._streams.get(out.request_id)
-            if stream is None:
+            if stream is None or not stream.throttle.due(out, now):
                 continue
-            if stream.interval is not None and not out.finished:
-                if now < stream.next_at:
-                    continue
-                stream.next_at = now + stream.interval
             batch = batches.setdefault(stream.loop, [])
             batch.append((stream.queue, out))
             if out.finished:
-                batch.append((stream.queue, _DONE))
+                batch.append((stream.queue, DONE))
                 self._streams.pop(out.request_id, None)
         for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_deliver, batch)
+            loop.call_soon_threadsafe(deliver, batch)
 
     def _fail_all(self, exc: BaseException) -> None:
         for rid in list(self._streams):
@@ -143,7 +153,7 @@ class AsyncEngine:
 
         def add() -> str:
             rid = self.llm.add_request(prompt, params, request_id)
-            self._streams[rid] = _Stream(loop, q, interval)
+            self._streams[rid] = _Stream(loop, q, Throttle(interval))
             return rid
 
         added: concurrent.futures.Future = concurrent.futures.Future()
@@ -155,17 +165,10 @@ class AsyncEngine:
             raise
         finished = False
         try:
-            while True:
-                item = await q.get()
-                if interval is not None:
-                    item = _newest(q, item)
-                if item is _DONE:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise RuntimeError(f"engine failed while generating: {item}") from item
-                yield item
+            async with contextlib.aclosing(outputs(q, interval)) as items:
+                async for out in items:
+                    yield out
+            finished = True
         finally:
             if not finished:
                 self._commands.put((lambda: self._abort(rid), concurrent.futures.Future()))
@@ -190,17 +193,32 @@ class AsyncEngine:
         self._thread.join(timeout=5)
 
 
+async def outputs(q: asyncio.Queue, interval: float | None) -> AsyncIterator[RequestOutput]:
+    """A request's outputs as its engine queues them, until `DONE`; an exception queued instead
+    (the engine failed) is raised. With an interval, only the newest of those waiting."""
+    while True:
+        item = await q.get()
+        if interval is not None:
+            item = _newest(q, item)
+        if item is DONE:
+            return
+        if isinstance(item, BaseException):
+            raise RuntimeError(f"engine failed while generating: {item}") from item
+        yield item
+
+
 def _newest(q: asyncio.Queue, item: Any) -> Any:
     """`item`, or the newest output queued after it; an end marker is never skipped."""
     while isinstance(item, RequestOutput) and not q.empty():
         newer = q.get_nowait()
-        if newer is _DONE:
-            q.put_nowait(_DONE)  # the queue is empty now: it still comes next
+        if newer is DONE:
+            q.put_nowait(DONE)  # the queue is empty now: it still comes next
             break
         item = newer
     return item
 
 
-def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+def deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    """Put each item on its queue (run on the queues' event loop)."""
     for q, item in batch:
         q.put_nowait(item)
