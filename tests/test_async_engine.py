@@ -1,4 +1,5 @@
-"""The async front: concurrent requests, streaming, client disconnects, bad input."""
+"""The async fronts — the engine on a thread (AsyncEngine) and in its own process
+(EngineProcess): concurrent requests, streaming, client disconnects, bad input."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import pytest
 
 from swarmoe import LLM, SamplingParams
 from swarmoe.engine.async_engine import AsyncEngine
+from swarmoe.engine.engine_process import EngineProcess
 from swarmoe.testing import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    llm = LLM(make_tiny_checkpoint(tmp_path_factory.mktemp("async") / "tiny", seed=2))
-    eng = AsyncEngine(llm)
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("async") / "tiny", seed=2)
+
+
+@pytest.fixture(scope="module", params=["thread", "process"])
+def engine(request, checkpoint):
+    eng = AsyncEngine(LLM(checkpoint)) if request.param == "thread" else EngineProcess(checkpoint)
     yield eng
     eng.shutdown()
 
@@ -24,7 +30,7 @@ async def collect(engine, prompt, params, **kw):
     return outs
 
 
-async def test_concurrent_requests_match_offline_generate(engine):
+async def test_concurrent_requests_match_offline_generate(engine, checkpoint):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (4, 11, 19)]
     streams = await asyncio.gather(*(collect(engine, p, params) for p in prompts))
@@ -33,7 +39,7 @@ async def test_concurrent_requests_match_offline_generate(engine):
         # Streaming grows the output one token per update.
         lengths = [len(o.outputs[0].token_ids) for o in stream]
         assert lengths == list(range(1, 9))
-    fresh = LLM(engine.llm.path)  # the engine thread owns its LLM; compare with another
+    fresh = LLM(checkpoint)  # the engine owns its LLM; compare with another
     expected = [o.outputs[0].token_ids for o in fresh.generate(prompts, params)]
     assert [s[-1].outputs[0].token_ids for s in streams] == expected
 
