@@ -20,6 +20,7 @@ from PIL import Image
 
 from swarmoe import LLM, SamplingParams
 from swarmoe.engine.async_engine import AsyncEngine
+from swarmoe.engine.engine_process import EngineProcess
 from swarmoe.server import create_app
 from swarmoe.server.background import serve_in_thread
 from swarmoe.testing import make_tiny_checkpoint
@@ -30,10 +31,13 @@ WEATHER = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["thread", "process"])
+def server(request, tmp_path_factory):
+    """The server over each engine: on a thread of this process, and in its own process (as
+    `swarmoe serve` runs it; image tensors then cross the process boundary)."""
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("api") / "tiny", multimodal=True, seed=5)
-    engine = AsyncEngine(LLM(path, max_num_seqs=8))
+    engine = (AsyncEngine(LLM(path, max_num_seqs=8)) if request.param == "thread"
+              else EngineProcess(path, max_num_seqs=8))
     with serve_in_thread(create_app(engine, MODEL)) as url:
         yield url, engine
     engine.shutdown()
