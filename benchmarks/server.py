@@ -9,9 +9,9 @@ sees the server (about 10x the client CPU, which on this machine slows the serve
 `overhead` is the lean client's; `openai_client` has the same figures for the official one.
 CPU seconds of the server process, of this process (the client) and of the direct run say
 where the time goes. The peer is the offline engine in this process with
-identical prompt ids and sampling settings, stepped from a worker thread as the server's engine
-thread steps it (torch's intra-op pool behaves very differently in the main thread on a busy
-machine), with the same torch thread count; both are warmed up, prefix cache included. The
+identical prompt ids and sampling settings, stepped from a worker thread (torch's intra-op pool
+behaves very differently in the main thread on a busy machine), with the same torch thread
+count (the server runs its engine in a process of its own); both are warmed up, prefix cache included. The
 sides alternate; `overhead` is the median over rounds of server wall / direct wall - 1 (rounds
 are adjacent in time, which matters on a shared machine), and the `best_*` fields compare the
 best run of each side. Prints one JSON line.
@@ -196,10 +196,10 @@ async def rounds(
     for _ in range(args.rounds):
         direct.append(run_direct(llm, messages, args.max_tokens))
         for name, run in clients.items():
-            before = (server.cpu_times(), resource.getrusage(resource.RUSAGE_SELF))
+            before = (_tree_cpu(server), resource.getrusage(resource.RUSAGE_SELF))
             result = await run(args.max_tokens)
-            after = (server.cpu_times(), resource.getrusage(resource.RUSAGE_SELF))
-            result["server_cpu_s"] = _cpu(after[0]) - _cpu(before[0])
+            after = (_tree_cpu(server), resource.getrusage(resource.RUSAGE_SELF))
+            result["server_cpu_s"] = after[0] - before[0]
             result["client_cpu_s"] = _rusage_cpu(after[1]) - _rusage_cpu(before[1])
             served[name].append(result)
     await client.close()
@@ -207,8 +207,9 @@ async def rounds(
     return direct, served
 
 
-def _cpu(times) -> float:
-    return times.user + times.system
+def _tree_cpu(server: psutil.Process) -> float:
+    """CPU seconds of the server and its engine process."""
+    return sum(t.user + t.system for t in (p.cpu_times() for p in [server, *server.children(recursive=True)]))
 
 
 def _rusage_cpu(usage) -> float:
