@@ -202,7 +202,10 @@ def _serve_engine(path: str, llm_args: dict[str, Any], commands: Connection, res
     while True:
         if commands.poll(0 if llm.has_unfinished else 0.05):
             while True:  # every pending command before the next step
-                message = commands.recv()
+                try:
+                    message = commands.recv()
+                except EOFError:  # the parent is gone, however it ended
+                    return
                 if message[0] == "stop":
                     return
                 _command(llm, throttles, results, message)
