@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from swarmoe.config import ModelConfig, load_config
 from swarmoe.engine.async_engine import DONE, Throttle, deliver, outputs
-from swarmoe.engine.llm import Prompt, RequestOutput
+from swarmoe.engine.llm import Prompt, RequestOutput, checkpoint_tokenizer
 from swarmoe.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -58,9 +58,7 @@ class EngineProcess:
             raise value
         self._max_model_len: int = value
         self._config = load_config(path)
-        from swarmoe.text import Tokenizer
-
-        self._tokenizer = Tokenizer.from_pretrained(path) if (path / "tiktoken.model").is_file() else None
+        self._tokenizer = checkpoint_tokenizer(path)
         self._send_lock = threading.Lock()
         self._replies: dict[int, concurrent.futures.Future] = {}
         self._tokens = itertools.count()

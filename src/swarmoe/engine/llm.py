@@ -82,7 +82,7 @@ class LLM:
             self.model, self.expert_cache = load_model_with_expert_budget(
                 self.path, expert_memory_gb, dtype=dtype, device=device
             )
-        self.tokenizer = _tokenizer(self.path)
+        self.tokenizer = checkpoint_tokenizer(self.path)
         self.max_model_len = min(max_model_len or text.max_position_embeddings, text.max_position_embeddings)
         if max_num_batched_tokens < 1 or max_num_seqs < 1 or block_size < 1:
             raise ValueError("max_num_batched_tokens, max_num_seqs and block_size must be positive")
@@ -347,7 +347,8 @@ class LLM:
         return out
 
 
-def _tokenizer(path: Path):  # -> Tokenizer | None
+def checkpoint_tokenizer(path: Path):  # -> Tokenizer | None
+    """The checkpoint's tokenizer, None when it ships no `tiktoken.model`."""
     if not (path / "tiktoken.model").is_file():
         return None
     from swarmoe.text import Tokenizer
