@@ -54,11 +54,55 @@ class _Stream:
     throttle: Throttle
 
 
+class Streams:
+    """The open requests' destinations: each caller's event loop and queue, and its throttle.
+
+    Fed by one thread other than the callers' (the engine thread, or the one reading an engine
+    process's results): one wake-up per event loop per batch, however many of its requests moved.
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, _Stream] = {}
+
+    def open(self, rid: str, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
+             interval: float | None) -> None:
+        self._by_id[rid] = _Stream(loop, queue, Throttle(interval))
+
+    def close(self, rid: str) -> None:
+        self._by_id.pop(rid, None)
+
+    def publish(self, outputs: list[RequestOutput]) -> None:
+        """Queue each output its throttle lets through; a finished request's stream ends."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        now = time.monotonic()
+        for out in outputs:
+            stream = self._by_id.get(out.request_id)
+            if stream is None or not stream.throttle.due(out, now):
+                continue
+            batch = batches.setdefault(stream.loop, [])
+            batch.append((stream.queue, out))
+            if out.finished:
+                batch.append((stream.queue, DONE))
+                self._by_id.pop(out.request_id, None)
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(deliver, batch)
+
+    def fail(self, error: BaseException) -> list[str]:
+        """End every open stream with `error`; the ids of those ended."""
+        ended = []
+        for rid in list(self._by_id):
+            stream = self._by_id.pop(rid, None)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+                ended.append(rid)
+        return ended
+
+
 class AsyncEngine:
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
-        self._streams: dict[str, _Stream] = {}
+        self._streams = Streams()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="swarmoe-engine", daemon=True)
         self._thread.start()
@@ -95,7 +139,7 @@ class AsyncEngine:
                 except Exception as exc:  # a model failure ends every stream with an error
                     self._fail_all(exc)
                     continue
-                self._publish(outputs)
+                self._streams.publish(outputs)
 
     @staticmethod
     def _call(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
@@ -106,26 +150,8 @@ class AsyncEngine:
         except Exception as exc:
             future.set_exception(exc)
 
-    def _publish(self, outputs: list[RequestOutput]) -> None:
-        """One wake-up per event loop per step, however many of its requests moved."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-        now = time.monotonic()
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None or not stream.throttle.due(out, now):
-                continue
-            batch = batches.setdefault(stream.loop, [])
-            batch.append((stream.queue, out))
-            if out.finished:
-                batch.append((stream.queue, DONE))
-                self._streams.pop(out.request_id, None)
-        for loop, batch in batches.items():
-            loop.call_soon_threadsafe(deliver, batch)
-
     def _fail_all(self, exc: BaseException) -> None:
-        for rid in list(self._streams):
-            stream = self._streams.pop(rid)
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+        for rid in self._streams.fail(exc):
             self.llm.abort(rid)
 
     # -- callers ----------------------------------------------------------------------------
@@ -153,7 +179,7 @@ class AsyncEngine:
 
         def add() -> str:
             rid = self.llm.add_request(prompt, params, request_id)
-            self._streams[rid] = _Stream(loop, q, Throttle(interval))
+            self._streams.open(rid, loop, q, interval)
             return rid
 
         added: concurrent.futures.Future = concurrent.futures.Future()
@@ -179,7 +205,7 @@ class AsyncEngine:
             self._commands.put((lambda: self._abort(rid), concurrent.futures.Future()))
 
     def _abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
+        self._streams.close(request_id)
         self.llm.abort(request_id)
 
     async def abort(self, request_id: str) -> None:

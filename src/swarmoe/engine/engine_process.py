@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from swarmoe.config import ModelConfig, load_config
-from swarmoe.engine.async_engine import DONE, Throttle, deliver, outputs
+from swarmoe.engine.async_engine import Streams, Throttle, outputs
 from swarmoe.engine.llm import Prompt, RequestOutput, checkpoint_tokenizer
 from swarmoe.engine.sampling import SamplingParams
 
@@ -62,7 +62,7 @@ class EngineProcess:
         self._send_lock = threading.Lock()
         self._replies: dict[int, concurrent.futures.Future] = {}
         self._tokens = itertools.count()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams = Streams()  # no throttles here: the engine process applies them
         self._gone: BaseException | None = None
         threading.Thread(target=self._receive, name="swarmoe-engine-results", daemon=True).start()
 
@@ -98,8 +98,7 @@ class EngineProcess:
         return await asyncio.wrap_future(future)
 
     def _receive(self) -> None:
-        """Results thread: replies resolve their futures; outputs go to their streams' loops,
-        one wake-up per loop per step."""
+        """Results thread: replies resolve their futures; outputs go to their streams."""
         while True:
             try:
                 kind, *rest = self._results.recv()
@@ -116,30 +115,13 @@ class EngineProcess:
                 else:
                     future.set_exception(error)
             elif kind == "outputs":
-                batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-                for out in rest[0]:
-                    entry = self._streams.get(out.request_id)
-                    if entry is None:
-                        continue
-                    batch = batches.setdefault(entry[0], [])
-                    batch.append((entry[1], out))
-                    if out.finished:
-                        batch.append((entry[1], DONE))
-                        self._streams.pop(out.request_id, None)
-                for loop, batch in batches.items():
-                    loop.call_soon_threadsafe(deliver, batch)
+                self._streams.publish(rest[0])
             elif kind == "failed":  # a step raised: every request in flight has ended
-                self._fail_streams(rest[0])
-
-    def _fail_streams(self, error: BaseException) -> None:
-        for rid in list(self._streams):
-            entry = self._streams.pop(rid, None)
-            if entry is not None:
-                entry[0].call_soon_threadsafe(entry[1].put_nowait, error)
+                self._streams.fail(rest[0])
 
     def _fail_all(self, error: BaseException) -> None:
         self._gone = error
-        self._fail_streams(error)
+        self._streams.fail(error)
         for token in list(self._replies):
             future = self._replies.pop(token)
             if future.set_running_or_notify_cancel():
@@ -152,7 +134,7 @@ class EngineProcess:
         """As `AsyncEngine.generate`: bad input raises the engine's ValueError here."""
         rid = request_id or f"req-{uuid.uuid4().hex}"
         q: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = (asyncio.get_running_loop(), q)  # before the first output can come
+        self._streams.open(rid, asyncio.get_running_loop(), q, None)  # before the first output
         finished = False
         try:
             await self._request("add", prompt, params, rid, interval)
@@ -161,7 +143,7 @@ class EngineProcess:
                     yield out
             finished = True
         finally:
-            self._streams.pop(rid, None)
+            self._streams.close(rid)
             if not finished and self._gone is None:
                 self._send("abort", rid)  # also when the add was still on its way: it comes first
 
