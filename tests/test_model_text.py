@@ -76,8 +76,11 @@ def test_bfloat16_stays_close_to_float32(tmp_path):
         full = load_model(path, dtype=torch.float32)(ids)
         half = load_model(path, dtype="bfloat16")(ids)
     assert half.dtype == torch.bfloat16
-    rel = (half.float() - full).abs().max() / full.abs().max()
-    assert rel < 0.05
+    # Mean, not max: bfloat16 flips near-tied routing choices, and a token routed to another
+    # expert differs by O(1) wherever its logits are (max relative error 0.01-0.34 over seeds,
+    # for PyTorch's kernels and the native ones alike); broken bf16 arithmetic gives O(1) means.
+    rel = (half.float() - full).abs().mean() / full.abs().mean()
+    assert rel < 0.06
 
 
 def test_out_of_vocabulary_ids_are_rejected(tmp_path):

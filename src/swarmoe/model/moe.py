@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swarmoe.config import TextConfig
+from swarmoe.model import kernels
 
 
 class ExpertWeights(Protocol):
@@ -151,6 +152,9 @@ ROWS_PER_EXPERT_READ = 12
 TASKS_PER_WORKER = 6
 # Up to this many (token, slot) pairs, dispatch groups them by expert in Python (decode).
 DIRECT_PAIRS = 64
+# The native kernels run experts of up to about this many rows on average (more rows: the stock
+# GEMMs' blocking does better than streaming each weight once for every row).
+KERNEL_MAX_ROWS = 32
 # From this many tokens the router GEMM is split between two workers.
 ROUTER_SPLIT_ROWS = 16
 
@@ -184,15 +188,22 @@ class _Plan:
         stacked = getattr(experts, "stacked", None)
         stacks = stacked(x.dtype) if stacked is not None else None
         lock = None if getattr(experts, "thread_safe", False) else threading.Lock()
+        kern = kernels.expert_kernels() if kernels.ExpertKernels.supports(x) else None
+        parts = TASKS_PER_WORKER * threads if threads else 1
         if n * k <= DIRECT_PAIRS:
             # Decode: group the few (token, slot) pairs by expert in Python (a handful of tensor
             # ops fewer: with caches cold, each op costs tens of microseconds) and write each
             # expert's rows straight to their (token, slot) rows of out.
-            self.weighted = False
-            self.out = out = x.new_empty(n * k, x.shape[1])
             slots: dict[int, list[int]] = {}
             for i, e in enumerate(itertools.chain.from_iterable(indices.tolist())):
                 slots.setdefault(e, []).append(i)
+            if kern is not None:
+                pairs = kernels.int64s(list(itertools.chain.from_iterable(slots.values())))
+                ends = list(itertools.accumulate(len(s) for s in slots.values()))
+                self._native(kern, list(slots), ends, pairs, x, experts, stacks, lock, parts)
+                return
+            self.weighted = False
+            self.out = out = x.new_empty(n * k, x.shape[1])
             self.tasks = [
                 lambda e=e, s=s: _run_direct(e, s, k, x, out, experts, stacks, lock) for e, s in slots.items()
             ]
@@ -203,6 +214,9 @@ class _Plan:
         active = counts.nonzero().flatten()
         ids = active.tolist()
         ends = counts.index_select(0, active).cumsum(0).tolist()
+        if kern is not None and n * k <= KERNEL_MAX_ROWS * len(ids):
+            self._native(kern, ids, ends, order, x, experts, stacks, lock, parts)
+            return
         # Each task gathers its own rows, weights its results and puts them back in (token, slot)
         # order itself: that work runs in parallel instead of before and after the experts.
         pairs = (order, order // k, weights.reshape(-1).index_select(0, order))
@@ -210,9 +224,63 @@ class _Plan:
         self.tasks: list[Callable[[], object]] = [
             lambda first=first, last=last: _run_experts(
                 ids[first:last], ends, first, last, pairs, x, out, experts, stacks, lock)
-            for first, last in _partition(ends, TASKS_PER_WORKER * threads if threads else 1)
+            for first, last in _partition(ends, parts)
         ]
         self.weighted = True
+
+    def _native(
+        self,
+        kern: kernels.ExpertKernels,
+        ids: list[int],
+        ends: list[int],
+        pairs: torch.Tensor | kernels.Addresses,
+        x: torch.Tensor,
+        experts: ExpertWeights,
+        stacks: tuple[torch.Tensor, torch.Tensor] | None,
+        lock: threading.Lock | None,
+        parts: int,
+    ) -> None:
+        """Tasks that run runs of experts through the native kernels: each gathers its pairs'
+        rows, runs its experts and writes their weighted rows of out, with no Python between
+        experts when the weights are stacked."""
+        n, k = self.shape
+        self.weighted = True
+        weights = self.weights.to(torch.float32).contiguous()
+        ends_at = kernels.int64s(ends)
+        pairs_at = pairs.data_ptr() if isinstance(pairs, torch.Tensor) else kernels.address(pairs)
+        # The arrays the kernels read stay referenced by the plan until it is dropped.
+        self._kept = (weights, ends_at, pairs)
+        self.out = x.new_empty(n * k, x.shape[1])
+        common = (kernels.address(ends_at), pairs_at, k, weights.data_ptr(), x, self.out)
+        if stacks is not None and all(s.is_contiguous() for s in stacks):
+            gate_up, down = stacks
+            inter = gate_up.shape[1] // 2
+            size = gate_up.element_size()
+            base, step = gate_up.data_ptr(), gate_up.stride(0) * size
+            gates = kernels.int64s([base + e * step for e in ids])
+            ups = kernels.int64s([a + inter * gate_up.stride(1) * size for a in gates])
+            base, step = down.data_ptr(), down.stride(0) * size
+            downs = kernels.int64s([base + e * step for e in ids])
+            self._kept += (gates, ups, downs)
+            at = [kernels.address(a) for a in (gates, ups, downs)]
+            self.tasks = [
+                lambda first=first, last=last: kern.experts(
+                    first, last, at[0] + 8 * first, at[1] + 8 * first, at[2] + 8 * first, *common, inter)
+                for first, last in _partition(ends, parts)
+            ]
+            return
+
+        def run(first: int, last: int) -> None:
+            for j in range(first, last):
+                gate_up, down = _expert_weights(ids[j], x.dtype, experts, None, lock)
+                gate_up, down = gate_up.contiguous(), down.contiguous()
+                inter = gate_up.shape[0] // 2
+                gate = gate_up.data_ptr()
+                at = kernels.int64s([gate, gate + inter * gate_up.stride(0) * gate_up.element_size(), down.data_ptr()])
+                base = kernels.address(at)
+                kern.experts(j, j + 1, base, base + 8, base + 16, *common, inter)
+
+        self.tasks = [lambda first=first, last=last: run(first, last) for first, last in _partition(ends, parts)]
 
     def drain(self) -> None:
         """Run tasks not yet taken by another thread until none is left."""
@@ -328,6 +396,18 @@ def _shared_task(shared: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tenso
     )
     if not plain:
         return lambda: shared(x)
+    kern = kernels.expert_kernels() if kernels.ExpertKernels.supports(x) else None
+    weights = [m.weight for m in (shared.gate_proj, shared.up_proj, shared.down_proj)]
+    if kern is not None and x.shape[0] <= KERNEL_MAX_ROWS and all(w.is_contiguous() for w in weights):
+
+        def run_native() -> torch.Tensor:
+            out = x.new_empty(x.shape)
+            at = kernels.int64s([w.data_ptr() for w in weights] + [x.shape[0]])
+            base = kernels.address(at)
+            kern.experts(0, 1, base, base + 8, base + 16, base + 24, None, 1, None, x, out, weights[0].shape[0])
+            return out
+
+        return run_native
 
     def run() -> torch.Tensor:
         gate, up = shared.gate_proj.weight, shared.up_proj.weight

@@ -1,0 +1,129 @@
+"""Native expert kernels (kernels.c): built with the system C compiler on first use, cached.
+
+The MoE dispatch uses them for CPU experts in float32 and bfloat16 when they are available, and
+PyTorch's kernels otherwise: no compiler, a CPU without AVX-512, or `SWARMOE_EXPERT_KERNELS=0`.
+The library is compiled for the machine it runs on (`-march=native`) into
+`$XDG_CACHE_HOME/swarmoe` (default `~/.cache/swarmoe`), keyed by the source, the compiler and
+the CPU, so a change to any of them builds afresh; building takes about a second.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+log = logging.getLogger(__name__)
+
+Addresses = ctypes.Array  # int64 addresses or indices, as ctypes arrays
+
+
+class ExpertKernels:
+    """`swarmoe_experts` of kernels.c, typed."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = lib.swarmoe_experts
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        self._experts = fn
+
+    @staticmethod
+    def supports(x: torch.Tensor) -> bool:
+        return x.is_cpu and x.dtype in DTYPES and x.is_contiguous()
+
+    def experts(
+        self,
+        first: int,
+        last: int,
+        gate: int,
+        up: int,
+        down: int,
+        ends: int,
+        pairs: int | None,
+        k: int,
+        weights: int | None,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        inter: int,
+    ) -> None:
+        """Experts first..last-1 of a dispatch (see `swarmoe_experts` in kernels.c); gate, up and
+        down are addresses of int64 arrays of those experts' weight addresses, ends and pairs of
+        int64 arrays over the whole dispatch, weights of its float32 routing weights."""
+        status = self._experts(first, last, gate, up, down, ends, pairs, k, weights, x.data_ptr(), out.data_ptr(),
+                               x.shape[-1], inter, DTYPES[x.dtype])
+        if status:
+            raise MemoryError("expert kernels: no memory for the scratch rows")
+
+
+def int64s(values: list[int]) -> ctypes.Array:
+    """An int64 array for the kernels (keep it referenced while they run)."""
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def address(array: ctypes.Array) -> int:
+    return ctypes.addressof(array)
+
+
+@functools.cache
+def _library() -> ExpertKernels | None:
+    if platform.machine().lower() not in ("x86_64", "amd64") or os.name != "posix":
+        log.info("swarmoe expert kernels: x86-64 only; using PyTorch kernels")
+        return None
+    try:
+        return ExpertKernels(ctypes.CDLL(str(_build())))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("swarmoe expert kernels unavailable (%s); using PyTorch kernels", e)
+        return None
+
+
+def expert_kernels() -> ExpertKernels | None:
+    """The native kernels, or None where they cannot be used or are turned off."""
+    if os.environ.get("SWARMOE_EXPERT_KERNELS", "1") == "0":
+        return None
+    return _library()
+
+
+def _cpu_signature() -> bytes:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor().encode()
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines))).encode()
+
+
+def _build() -> Path:
+    """The compiled library for this source, compiler and CPU; built if not cached yet."""
+    cc = os.environ.get("CC", "cc")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode() + _cpu_signature())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swarmoe"
+    target = cache / f"kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: processes that build at once never load a partial file.
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise OSError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
