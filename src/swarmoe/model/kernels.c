@@ -22,43 +22,69 @@
 
 enum { F32 = 0, BF16 = 1 };
 
+/* Vector loads of weights and activations as float32 lanes (bf16 widened exactly), whole or the
+ * first n elements (the rest zero). */
 static inline __m512 load_f32(const void* p, int64_t i) { return _mm512_loadu_ps((const float*)p + i); }
-static inline __m512 load_bf16(const void* p, int64_t i) {
-    __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+static inline __m512 mload_f32(const void* p, int64_t i, int64_t n) {
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), (const float*)p + i);
 }
-static inline __m512 mload_f32(const void* p, int64_t i, __mmask16 m) { return _mm512_maskz_loadu_ps(m, (const float*)p + i); }
-static inline __m512 mload_bf16(const void* p, int64_t i, __mmask16 m) {
-    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)p + i);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+static inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+static inline __m512 load_bf16(const void* p, int64_t i) {
+    return widen_bf16(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
+}
+static inline __m512 mload_bf16(const void* p, int64_t i, int64_t n) {
+    return widen_bf16(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), (const uint16_t*)p + i));
+}
+static inline __m512 fma_f32(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+/* Prefetch distance along a weight row: the hardware prefetcher alone keeps fewer lines in flight
+ * than one core can use, most of all for bf16 rows (half the bytes per element). */
+enum { PREFETCH_BYTES = 1024 };
+static inline void prefetch(const void* p, int64_t i, int64_t size) {
+    _mm_prefetch((const char*)p + i * size + PREFETCH_BYTES, _MM_HINT_T0);
 }
 
+#ifdef __AVX512BF16__
+/* bf16 weights against bf16 activations: one instruction multiplies 32 pairs and adds them into
+ * 16 float32 lanes (twice the work per instruction of widening to float32). */
+#define BF16_ACTIVATIONS 1
+static inline __m512 load_raw(const void* p, int64_t i) { return _mm512_castsi512_ps(_mm512_loadu_si512((const uint16_t*)p + i)); }
+static inline __m512 mload_raw(const void* p, int64_t i, int64_t n) {
+    return _mm512_castsi512_ps(_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), (const uint16_t*)p + i));
+}
+static inline __m512 dot_bf16(__m512 acc, __m512 w, __m512 x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+}
+#else
+#define BF16_ACTIVATIONS 0
+#endif
+
 /* y[m*ldy + r] = sum_k w[r*K + k] * x[m*ldx + k] for R weight rows and MT activation rows:
- * each weight vector is loaded once and used for every row (R*MT accumulators in registers). */
-#define TILE(NAME, LOAD, MLOAD, R, MT)                                                             \
-    static void NAME##_##R##x##MT(const void* w, int64_t K, const float* x, int64_t ldx, float* y, \
+ * each weight vector is loaded once and used for every row (R*MT accumulators in registers).
+ * STEP elements per vector; WSIZE, XSIZE: bytes per weight and per activation element. */
+#define TILE(NAME, STEP, WSIZE, XSIZE, LOADW, MLOADW, LOADX, MLOADX, FMA, R, MT)                   \
+    static void NAME##_##R##x##MT(const void* w, int64_t K, const void* x, int64_t ldx, float* y,  \
                                   int64_t ldy) {                                                   \
         __m512 acc[R][MT];                                                                         \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                        \
             _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++) acc[r][m] = _mm512_setzero_ps();   \
         int64_t k = 0;                                                                             \
-        for (; k + 16 <= K; k += 16) {                                                             \
+        for (; k + STEP <= K; k += STEP) {                                                         \
             __m512 wv[R];                                                                          \
-            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) wv[r] = LOAD(w, r * K + k);        \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                  \
+                wv[r] = LOADW(w, r * K + k);                                                       \
+                if ((k * WSIZE) % 64 == 0) prefetch(w, r * K + k, WSIZE);                          \
+            }                                                                                      \
             _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++) {                                 \
-                __m512 xv = _mm512_loadu_ps(x + m * ldx + k);                                      \
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                \
-                    acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);                             \
+                __m512 xv = LOADX(x, m * ldx + k);                                                 \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r][m] = FMA(acc[r][m], wv[r], xv); \
             }                                                                                      \
         }                                                                                          \
         if (k < K) {                                                                               \
-            __mmask16 tail = (__mmask16)((1u << (K - k)) - 1);                                     \
             __m512 wv[R];                                                                          \
-            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) wv[r] = MLOAD(w, r * K + k, tail); \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) wv[r] = MLOADW(w, r * K + k, K - k); \
             _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++) {                                 \
-                __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * ldx + k);                          \
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                \
-                    acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);                             \
+                __m512 xv = MLOADX(x, m * ldx + k, K - k);                                         \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r][m] = FMA(acc[r][m], wv[r], xv); \
             }                                                                                      \
         }                                                                                          \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                        \
@@ -66,34 +92,42 @@ static inline __m512 mload_bf16(const void* p, int64_t i, __mmask16 m) {
                 y[m * ldy + r] = _mm512_reduce_add_ps(acc[r][m]);                                  \
     }
 
-typedef void (*tile_fn)(const void*, int64_t, const float*, int64_t, float*, int64_t);
+typedef void (*tile_fn)(const void*, int64_t, const void*, int64_t, float*, int64_t);
 
-#define TILES(NAME, LOAD, MLOAD)                                                                   \
-    TILE(NAME, LOAD, MLOAD, 4, 1) TILE(NAME, LOAD, MLOAD, 4, 2) TILE(NAME, LOAD, MLOAD, 4, 3)      \
-    TILE(NAME, LOAD, MLOAD, 4, 4) TILE(NAME, LOAD, MLOAD, 4, 5) TILE(NAME, LOAD, MLOAD, 4, 6)      \
-    TILE(NAME, LOAD, MLOAD, 1, 1) TILE(NAME, LOAD, MLOAD, 1, 2) TILE(NAME, LOAD, MLOAD, 1, 3)      \
-    TILE(NAME, LOAD, MLOAD, 1, 4) TILE(NAME, LOAD, MLOAD, 1, 5) TILE(NAME, LOAD, MLOAD, 1, 6)      \
+#define TILES(NAME, ...)                                                                           \
+    TILE(NAME, __VA_ARGS__, 4, 1) TILE(NAME, __VA_ARGS__, 4, 2) TILE(NAME, __VA_ARGS__, 4, 3)      \
+    TILE(NAME, __VA_ARGS__, 4, 4) TILE(NAME, __VA_ARGS__, 4, 5) TILE(NAME, __VA_ARGS__, 4, 6)      \
+    TILE(NAME, __VA_ARGS__, 1, 1) TILE(NAME, __VA_ARGS__, 1, 2) TILE(NAME, __VA_ARGS__, 1, 3)      \
+    TILE(NAME, __VA_ARGS__, 1, 4) TILE(NAME, __VA_ARGS__, 1, 5) TILE(NAME, __VA_ARGS__, 1, 6)      \
     static const tile_fn NAME##_tiles[2][7] = {                                                    \
         {0, NAME##_1x1, NAME##_1x2, NAME##_1x3, NAME##_1x4, NAME##_1x5, NAME##_1x6},               \
         {0, NAME##_4x1, NAME##_4x2, NAME##_4x3, NAME##_4x4, NAME##_4x5, NAME##_4x6}};
 
-TILES(f32, load_f32, mload_f32)
-TILES(bf16, load_bf16, mload_bf16)
+TILES(f32, 16, 4, 4, load_f32, mload_f32, load_f32, mload_f32, fma_f32)
+#if BF16_ACTIVATIONS
+TILES(bf16, 32, 2, 2, load_raw, mload_raw, load_raw, mload_raw, dot_bf16)
+#else
+TILES(bf16, 16, 2, 4, load_bf16, mload_bf16, load_f32, mload_f32, fma_f32)
+#endif
 
 enum { MAX_TILE_ROWS = 6 };
 
+/* Bytes per activation element that the kernels of `dtype` read: float32, or bf16 where bf16
+ * weights take bf16 activations. */
+static inline int64_t x_size(int dtype) { return dtype == BF16 && BF16_ACTIVATIONS ? 2 : 4; }
+
 /* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ w[N, K]^T: four weight rows at a time,
  * every activation row against them before moving on, so each weight is read from memory once. */
-static void matmul_wt(int dtype, const void* w, int64_t N, int64_t K, const float* x, int64_t M, int64_t ldx,
+static void matmul_wt(int dtype, const void* w, int64_t N, int64_t K, const void* x, int64_t M, int64_t ldx,
                       float* y, int64_t ldy) {
     const tile_fn(*tiles)[7] = dtype == BF16 ? bf16_tiles : f32_tiles;
-    const int64_t wsize = dtype == BF16 ? 2 : 4;
+    const int64_t wsize = dtype == BF16 ? 2 : 4, xsize = x_size(dtype);
     for (int64_t n = 0; n < N;) {
         const int four = N - n >= 4;
         const char* wn = (const char*)w + n * K * wsize;
         for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
             const int64_t rows = M - m < MAX_TILE_ROWS ? M - m : MAX_TILE_ROWS;
-            tiles[four][rows](wn, K, x + m * ldx, ldx, y + m * ldy + n, ldy);
+            tiles[four][rows](wn, K, (const char*)x + m * ldx * xsize, ldx, y + m * ldy + n, ldy);
         }
         n += four ? 4 : 1;
     }
@@ -135,16 +169,21 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);            /* round to nearest even */
 }
 
-static void load_row(int dtype, const void* src, int64_t row, int64_t H, float* dst) {
-    if (dtype == F32) {
-        memcpy(dst, (const float*)src + row * H, H * sizeof(float));
-        return;
-    }
-    const uint16_t* s = (const uint16_t*)src + row * H;
+static void widen_row(const uint16_t* src, float* dst, int64_t H) {
     for (int64_t h = 0; h < H; h++) {
-        uint32_t u = (uint32_t)s[h] << 16;
+        uint32_t u = (uint32_t)src[h] << 16;
         memcpy(dst + h, &u, 4);
     }
+}
+
+/* Row `row` of src (dtype) into dst as the kernels of dtype read activations (x_size). */
+static void load_row(int dtype, const void* src, int64_t row, int64_t H, void* dst) {
+    if (dtype == F32 || x_size(dtype) == 2) {
+        const int64_t size = dtype == F32 ? 4 : 2;
+        memcpy(dst, (const char*)src + row * H * size, H * size);
+        return;
+    }
+    widen_row((const uint16_t*)src + row * H, dst, H);
 }
 
 static void store_row(int dtype, const float* src, float scale, void* dst, int64_t row, int64_t H) {
@@ -170,12 +209,44 @@ static float* scratch_floats(int64_t n) {
     return scratch;
 }
 
+/* Scratch of one expert over M rows: activations in, the two projections, their product as the
+ * down projection reads it, and the float32 result. */
+typedef struct {
+    void* xs; /* [M, H] as load_row writes them */
+    float *hg, *hu; /* [M, I] */
+    void* act;      /* [M, I], in place of hg when activations are float32 */
+    float* ys;      /* [M, H] */
+} expert_scratch;
+
+static int64_t expert_scratch_floats(int64_t M, int64_t H, int64_t I) { return M * (2 * H + 3 * I); }
+
+static expert_scratch expert_scratch_at(float* base, int64_t M, int64_t H, int64_t I) {
+    expert_scratch s = {.xs = base, .ys = base + M * H, .hg = base + 2 * M * H};
+    s.hu = s.hg + M * I;
+    s.act = s.hu + M * I;
+    return s;
+}
+
+/* s.ys = SwiGLU expert (gate/up [I, H], down [H, I]) over the M rows in s.xs. */
+static void expert_rows(int dtype, const void* gate, const void* up, const void* down, int64_t M, int64_t H,
+                        int64_t I, expert_scratch s) {
+    matmul_wt(dtype, gate, I, H, s.xs, M, H, s.hg, I);
+    matmul_wt(dtype, up, I, H, s.xs, M, H, s.hu, I);
+    void* act = x_size(dtype) == 2 ? s.act : s.hg;
+    for (int64_t m = 0; m < M; m++) {
+        float* g = s.hg + m * I;
+        silu_mul(g, s.hu + m * I, I);
+        if (act != s.hg)
+            for (int64_t i = 0; i < I; i++) ((uint16_t*)act)[m * I + i] = to_bf16(g[i]);
+    }
+    matmul_wt(dtype, down, H, I, act, M, I, s.ys, H);
+}
+
 /* Runs experts first..last-1 of a dispatch. Expert j owns pairs ends[j-1]..ends[j]-1 of `pairs`
  * (ends[-1] = 0); pair p is row p of `out` and reads row p / k of `x`, scaled by weights[p].
  * With pairs == NULL (the shared experts) expert j reads and writes rows ends[j-1]..ends[j]-1
  * directly, unscaled. gate/up/down hold the weight addresses of experts first..last-1 (their
- * [0] is expert `first`'s). Returns 0, or -1 when
- * scratch memory could not be allocated (nothing written then). */
+ * [0] is expert `first`'s). Returns 0, or -1 when scratch memory could not be allocated. */
 int swarmoe_experts(int64_t first, int64_t last, const int64_t* gate, const int64_t* up, const int64_t* down,
                     const int64_t* ends, const int64_t* pairs, int64_t k, const float* weights, const void* x,
                     void* out, int64_t H, int64_t I, int dtype) {
@@ -184,24 +255,359 @@ int swarmoe_experts(int64_t first, int64_t last, const int64_t* gate, const int6
         const int64_t rows = ends[j] - (j ? ends[j - 1] : 0);
         most = rows > most ? rows : most;
     }
-    float* xs = scratch_floats(most * (2 * H + 2 * I));
-    if (xs == NULL && most) return -1;
-    float* ys = xs + most * H;
-    float* hg = ys + most * H;
-    float* hu = hg + most * I;
+    float* base = scratch_floats(expert_scratch_floats(most, H, I));
+    if (base == NULL && most) return -1;
     for (int64_t j = first; j < last; j++) {
         const int64_t begin = j ? ends[j - 1] : 0, M = ends[j] - begin;
         if (M == 0) continue;
+        expert_scratch s = expert_scratch_at(base, M, H, I);
         for (int64_t m = 0; m < M; m++)
-            load_row(dtype, x, pairs ? pairs[begin + m] / k : begin + m, H, xs + m * H);
-        matmul_wt(dtype, (const void*)gate[j - first], I, H, xs, M, H, hg, I);
-        matmul_wt(dtype, (const void*)up[j - first], I, H, xs, M, H, hu, I);
-        for (int64_t m = 0; m < M; m++) silu_mul(hg + m * I, hu + m * I, I);
-        matmul_wt(dtype, (const void*)down[j - first], H, I, hg, M, I, ys, H);
+            load_row(dtype, x, pairs ? pairs[begin + m] / k : begin + m, H, (char*)s.xs + m * H * x_size(dtype));
+        expert_rows(dtype, (const void*)gate[j - first], (const void*)up[j - first], (const void*)down[j - first],
+                    M, H, I, s);
         for (int64_t m = 0; m < M; m++) {
             const int64_t p = pairs ? pairs[begin + m] : begin + m;
-            store_row(dtype, ys + m * H, pairs && weights ? weights[p] : 1.0f, out, p, H);
+            store_row(dtype, s.ys + m * H, pairs && weights ? weights[p] : 1.0f, out, p, H);
         }
     }
     return 0;
+}
+
+/* ---- The whole MoE layer in one call: routing, shared and routed experts, the weighted sum ----
+ *
+ * For decode and small batches the layer's fixed costs (a router GEMV, a handful of small ops,
+ * hand-offs between threads) cost as much as streaming the experts' weights once the caches are
+ * cold. Here the calling thread and a few persistent helpers run the layer in phases whose work
+ * items each thread takes in turn; a phase waits only for the items of the phase it depends on,
+ * so a helper that wakes late joins wherever the work is and the caller never waits for it to
+ * start. Every (token, expert) pair's weighted row and the shared experts' rows land in rows
+ * of their own; the last phase sums each token's rows in a fixed order, so the result does not
+ * depend on which thread ran what. */
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    int64_t tokens, hidden, inter, shared_inter, experts, top_k, groups, top_groups, threads;
+    int32_t dtype, norm_top_k;
+    float scaling;
+    const float* router; /* [experts, hidden] float32 */
+    const float* bias;   /* [experts] float32, or NULL */
+    const void* gate_up; /* [experts, 2 * inter, hidden] */
+    const void* down;    /* [experts, hidden, inter] */
+    const void* shared_gate; /* [shared_inter, hidden], or NULL: no shared experts */
+    const void* shared_up;
+    const void* shared_down; /* [hidden, shared_inter] */
+    const void* x;           /* [tokens, hidden] */
+    void* y;                 /* [tokens, hidden] */
+    int64_t* indices;        /* [tokens, top_k]: the routing, written for the caller */
+} swarmoe_moe_args;
+
+enum { MAX_THREADS = 64, TASK_ROWS = 32, ROUTER_ROWS = 32, SELECT_TOKENS = 16, COMBINE_TOKENS = 8 };
+
+typedef struct {
+    int64_t expert, begin, end; /* rows begin..end-1 of the pairs sorted by expert */
+} task_t;
+
+typedef struct {
+    _Atomic int64_t next, done;
+    int64_t items;
+} phase_t;
+
+static struct {
+    pthread_mutex_t lock; /* one layer at a time */
+    int helpers;
+    _Atomic uint32_t generation; /* futex word: bumped for every layer */
+    _Atomic int open, active, failed;
+    const swarmoe_moe_args* a;
+    phase_t router, shared, select, plan, experts, combine;
+    /* buffers, grown by the caller between layers */
+    int64_t cap_tokens, cap_experts, cap_hidden, cap_k;
+    float *xf, *logits, *weights, *rows, *shared_rows;
+    int64_t *counts, *pairs;
+    task_t* tasks;
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static void reset_after_fork(void) {
+    pthread_mutex_init(&pool.lock, NULL);
+    pool.helpers = 0; /* the helpers did not survive the fork; new ones start on first use */
+    atomic_store(&pool.active, 0);
+    atomic_store(&pool.open, 0);
+}
+
+static void watch_forks(void) { pthread_atfork(NULL, NULL, reset_after_fork); }
+
+static void wait_done(phase_t* ph) {
+    for (int spins = 0; atomic_load(&ph->done) < ph->items;) {
+        _mm_pause();
+        if (++spins == 4096) {
+            sched_yield();
+            spins = 0;
+        }
+    }
+}
+
+static const float* x_f32(void) { return pool.a->dtype == F32 ? (const float*)pool.a->x : pool.xf; }
+
+static void router_item(int64_t i) {
+    const swarmoe_moe_args* a = pool.a;
+    const int64_t e0 = i * ROUTER_ROWS, rows = a->experts - e0 < ROUTER_ROWS ? a->experts - e0 : ROUTER_ROWS;
+    matmul_wt(F32, a->router + e0 * a->hidden, rows, a->hidden, x_f32(), a->tokens, a->hidden, pool.logits + e0,
+              a->experts);
+}
+
+/* Routed or shared rows through one expert, weighted, into their rows. */
+static void expert_item(int64_t expert, int64_t begin, int64_t end) {
+    const swarmoe_moe_args* a = pool.a;
+    const int64_t H = a->hidden, M = end - begin, I = expert < 0 ? a->shared_inter : a->inter;
+    const int64_t wsize = a->dtype == BF16 ? 2 : 4, xsize = x_size(a->dtype);
+    float* base = scratch_floats(expert_scratch_floats(M, H, I));
+    if (base == NULL) {
+        atomic_store(&pool.failed, 1);
+        return;
+    }
+    expert_scratch s = expert_scratch_at(base, M, H, I);
+    /* The activations as the kernels read them: bf16 straight from x, else float32. */
+    const char* x = xsize == 2 ? (const char*)a->x : (const char*)x_f32();
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t t = expert < 0 ? begin + m : pool.pairs[begin + m] / a->top_k;
+        memcpy((char*)s.xs + m * H * xsize, x + t * H * xsize, H * xsize);
+    }
+    if (expert < 0) {
+        expert_rows(a->dtype, a->shared_gate, a->shared_up, a->shared_down, M, H, I, s);
+    } else {
+        const char* gu = (const char*)a->gate_up + expert * 2 * I * H * wsize;
+        expert_rows(a->dtype, gu, gu + I * H * wsize, (const char*)a->down + expert * H * I * wsize, M, H, I, s);
+    }
+    for (int64_t m = 0; m < M; m++) {
+        if (expert < 0) {
+            memcpy(pool.shared_rows + (begin + m) * H, s.ys + m * H, H * sizeof(float));
+        } else {
+            const int64_t p = pool.pairs[begin + m];
+            store_row(F32, s.ys + m * H, pool.weights[p], pool.rows, p, H);
+        }
+    }
+}
+
+static void shared_item(int64_t i) {
+    const int64_t begin = i * TASK_ROWS, end = begin + TASK_ROWS < pool.a->tokens ? begin + TASK_ROWS : pool.a->tokens;
+    expert_item(-1, begin, end);
+}
+
+/* Sigmoid scores, noaux_tc choice (score + correction bias) within the best groups, top-k,
+ * weights from the unbiased scores, as Router.select. */
+static void select_item(int64_t i) {
+    const swarmoe_moe_args* a = pool.a;
+    const int64_t E = a->experts, k = a->top_k, t0 = i * SELECT_TOKENS;
+    const int64_t t1 = t0 + SELECT_TOKENS < a->tokens ? t0 + SELECT_TOKENS : a->tokens;
+    float choice[E];
+    for (int64_t t = t0; t < t1; t++) {
+        float* s = pool.logits + t * E;
+        int64_t e = 0;
+        for (; e + 16 <= E; e += 16) {
+            __m512 l = _mm512_loadu_ps(s + e);
+            _mm512_storeu_ps(s + e, _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                                  _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), l)))));
+        }
+        for (; e < E; e++) s[e] = 1.0f / (1.0f + expf(-s[e]));
+        for (e = 0; e < E; e++) choice[e] = s[e] + (a->bias ? a->bias[e] : 0.0f);
+        if (a->top_groups < a->groups) {
+            const int64_t size = E / a->groups;
+            float gscore[a->groups];
+            for (int64_t g = 0; g < a->groups; g++) {
+                float b1 = -INFINITY, b2 = -INFINITY;
+                for (int64_t j = g * size; j < (g + 1) * size; j++) {
+                    if (choice[j] > b1) {
+                        b2 = b1;
+                        b1 = choice[j];
+                    } else if (choice[j] > b2) {
+                        b2 = choice[j];
+                    }
+                }
+                gscore[g] = b1 + b2;
+            }
+            for (int64_t g = 0; g < a->groups; g++) {
+                int64_t better = 0; /* groups ahead of g (ties: the lower index ahead) */
+                for (int64_t h = 0; h < a->groups; h++)
+                    better += gscore[h] > gscore[g] || (gscore[h] == gscore[g] && h < g);
+                if (better >= a->top_groups)
+                    for (int64_t j = g * size; j < (g + 1) * size; j++) choice[j] = -INFINITY;
+            }
+        }
+        int64_t* idx = a->indices + t * k;
+        float best[k];
+        int64_t n = 0;
+        for (e = 0; e < E; e++) { /* insertion into the k best so far, best first */
+            if (n == k && !(choice[e] > best[k - 1])) continue;
+            int64_t j = n < k ? n++ : k - 1;
+            for (; j > 0 && choice[e] > best[j - 1]; j--) {
+                best[j] = best[j - 1];
+                idx[j] = idx[j - 1];
+            }
+            best[j] = choice[e];
+            idx[j] = e;
+        }
+        float* w = pool.weights + t * k;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < k; j++) sum += (w[j] = s[idx[j]]);
+        for (int64_t j = 0; j < k; j++) w[j] = (a->norm_top_k ? w[j] / (sum + 1e-20f) : w[j]) * a->scaling;
+    }
+}
+
+/* Pairs (token * k + slot) sorted by expert (counting sort), cut into tasks of <= TASK_ROWS. */
+static void plan_item(void) {
+    const swarmoe_moe_args* a = pool.a;
+    const int64_t E = a->experts, pairs = a->tokens * a->top_k;
+    int64_t* counts = pool.counts;
+    memset(counts, 0, E * sizeof(int64_t));
+    for (int64_t p = 0; p < pairs; p++) counts[a->indices[p]]++;
+    int64_t n = 0, offset = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t c = counts[e];
+        for (int64_t b = offset; b < offset + c; b += TASK_ROWS)
+            pool.tasks[n++] = (task_t){e, b, b + TASK_ROWS < offset + c ? b + TASK_ROWS : offset + c};
+        counts[e] = offset; /* now the next free position of expert e */
+        offset += c;
+    }
+    for (int64_t p = 0; p < pairs; p++) pool.pairs[counts[a->indices[p]]++] = p;
+    pool.experts.items = n;
+}
+
+/* Each token's k weighted rows summed in slot order, then its shared experts' row. */
+static void combine_item(int64_t i) {
+    const swarmoe_moe_args* a = pool.a;
+    const int64_t H = a->hidden, k = a->top_k, t0 = i * COMBINE_TOKENS;
+    const int64_t t1 = t0 + COMBINE_TOKENS < a->tokens ? t0 + COMBINE_TOKENS : a->tokens;
+    for (int64_t t = t0; t < t1; t++) {
+        float* sum = pool.rows + t * k * H;
+        for (int64_t j = 1; j < k; j++)
+            for (int64_t h = 0; h < H; h++) sum[h] += sum[j * H + h];
+        if (a->shared_gate)
+            for (int64_t h = 0; h < H; h++) sum[h] += pool.shared_rows[t * H + h];
+        store_row(a->dtype, sum, 1.0f, a->y, t, H);
+    }
+}
+
+/* Take items of a phase until none is left. */
+#define TAKE(PH, CALL)                                                   \
+    for (int64_t i_; (i_ = atomic_fetch_add(&pool.PH.next, 1)) < pool.PH.items;) { \
+        const int64_t i = i_;                                            \
+        CALL;                                                            \
+        atomic_fetch_add(&pool.PH.done, 1);                              \
+    }
+
+static void work(void) {
+    TAKE(router, router_item(i));
+    TAKE(shared, shared_item(i));
+    wait_done(&pool.router);
+    TAKE(select, select_item(i));
+    wait_done(&pool.select);
+    TAKE(plan, (void)i; plan_item());
+    wait_done(&pool.plan);
+    TAKE(experts, expert_item(pool.tasks[i].expert, pool.tasks[i].begin, pool.tasks[i].end));
+    wait_done(&pool.experts);
+    wait_done(&pool.shared);
+    TAKE(combine, combine_item(i));
+}
+
+static void* helper_main(void* arg) {
+    const int tid = (int)(intptr_t)arg;
+    uint32_t seen = atomic_load(&pool.generation);
+    for (;;) {
+        uint32_t now;
+        for (int spins = 0; (now = atomic_load(&pool.generation)) == seen;) {
+            if (++spins < 2000) {
+                _mm_pause();
+                continue;
+            }
+            syscall(SYS_futex, &pool.generation, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+            spins = 0;
+        }
+        seen = now;
+        atomic_fetch_add(&pool.active, 1);
+        if (atomic_load(&pool.open) && tid < pool.a->threads) work();
+        atomic_fetch_sub(&pool.active, 1);
+    }
+    return NULL;
+}
+
+static void* grow(void* p, int64_t bytes) {
+    free(p);
+    return aligned_alloc(64, ((bytes + 63) / 64) * 64);
+}
+
+/* Buffers for a layer of this shape; 0, or -1 without memory. */
+static int reserve(const swarmoe_moe_args* a) {
+    const int64_t n = a->tokens, E = a->experts, H = a->hidden, k = a->top_k;
+    if (n > pool.cap_tokens || E > pool.cap_experts || H > pool.cap_hidden || k > pool.cap_k) {
+        const int64_t nn = n > pool.cap_tokens ? n : pool.cap_tokens, ee = E > pool.cap_experts ? E : pool.cap_experts;
+        const int64_t hh = H > pool.cap_hidden ? H : pool.cap_hidden, kk = k > pool.cap_k ? k : pool.cap_k;
+        pool.cap_tokens = pool.cap_experts = pool.cap_hidden = pool.cap_k = 0;
+        pool.xf = grow(pool.xf, nn * hh * 4);
+        pool.logits = grow(pool.logits, nn * ee * 4);
+        pool.weights = grow(pool.weights, nn * kk * 4);
+        pool.counts = grow(pool.counts, ee * 8);
+        pool.pairs = grow(pool.pairs, nn * kk * 8);
+        pool.tasks = grow(pool.tasks, (ee + nn * kk / TASK_ROWS + 1) * sizeof(task_t));
+        pool.rows = grow(pool.rows, nn * kk * hh * 4);
+        pool.shared_rows = grow(pool.shared_rows, nn * hh * 4);
+        if (!(pool.xf && pool.logits && pool.weights && pool.counts && pool.pairs && pool.tasks && pool.rows &&
+              pool.shared_rows))
+            return -1;
+        pool.cap_tokens = nn, pool.cap_experts = ee, pool.cap_hidden = hh, pool.cap_k = kk;
+    }
+    return 0;
+}
+
+static void start_phase(phase_t* ph, int64_t items) {
+    atomic_store(&ph->next, 0);
+    atomic_store(&ph->done, 0);
+    ph->items = items;
+}
+
+/* One MoE layer (see swarmoe_moe_args). Returns 0; -1 without memory; -2 for a bad shape. */
+int swarmoe_moe(const swarmoe_moe_args* a) {
+    if (a->threads < 1 || a->threads > MAX_THREADS || a->top_k < 1 || a->top_k > a->experts || a->groups < 1 ||
+        a->experts % a->groups)
+        return -2;
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, watch_forks);
+    pthread_mutex_lock(&pool.lock);
+    int status = reserve(a);
+    if (status == 0) {
+        while (pool.helpers < a->threads - 1) {
+            pthread_t t;
+            pthread_attr_t attr;
+            pthread_attr_init(&attr);
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            const int made = pthread_create(&t, &attr, helper_main, (void*)(intptr_t)(pool.helpers + 1));
+            pthread_attr_destroy(&attr);
+            if (made) break;
+            pool.helpers++;
+        }
+        pool.a = a;
+        if (a->dtype == BF16) {
+            widen_row(a->x, pool.xf, a->tokens * a->hidden); /* the router reads float32 */
+        }
+        start_phase(&pool.router, (a->experts + ROUTER_ROWS - 1) / ROUTER_ROWS);
+        start_phase(&pool.shared, a->shared_gate ? (a->tokens + TASK_ROWS - 1) / TASK_ROWS : 0);
+        start_phase(&pool.select, (a->tokens + SELECT_TOKENS - 1) / SELECT_TOKENS);
+        start_phase(&pool.plan, 1);
+        start_phase(&pool.experts, 0); /* its items are set by the plan */
+        start_phase(&pool.combine, (a->tokens + COMBINE_TOKENS - 1) / COMBINE_TOKENS);
+        atomic_store(&pool.failed, 0);
+        atomic_store(&pool.open, 1);
+        atomic_fetch_add(&pool.generation, 1);
+        syscall(SYS_futex, &pool.generation, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+        work();
+        wait_done(&pool.combine);
+        atomic_store(&pool.open, 0);
+        while (atomic_load(&pool.active)) _mm_pause();
+        status = atomic_load(&pool.failed) ? -1 : 0;
+    }
+    pthread_mutex_unlock(&pool.lock);
+    return status;
 }

@@ -30,8 +30,22 @@ log = logging.getLogger(__name__)
 Addresses = ctypes.Array  # int64 addresses or indices, as ctypes arrays
 
 
+class MoeArgs(ctypes.Structure):
+    """`swarmoe_moe_args` of kernels.c: one MoE layer's shapes, routing settings and tensors."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in (
+            "tokens", "hidden", "inter", "shared_inter", "experts", "top_k", "groups", "top_groups", "threads")),
+        ("dtype", ctypes.c_int32),
+        ("norm_top_k", ctypes.c_int32),
+        ("scaling", ctypes.c_float),
+        *((name, ctypes.c_void_p) for name in (
+            "router", "bias", "gate_up", "down", "shared_gate", "shared_up", "shared_down", "x", "y", "indices")),
+    ]
+
+
 class ExpertKernels:
-    """`swarmoe_experts` of kernels.c, typed."""
+    """`swarmoe_experts` and `swarmoe_moe` of kernels.c, typed."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.swarmoe_experts
@@ -39,6 +53,17 @@ class ExpertKernels:
         fn.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
         fn.restype = ctypes.c_int
         self._experts = fn
+        self._moe = lib.swarmoe_moe
+        self._moe.argtypes = [ctypes.POINTER(MoeArgs)]
+        self._moe.restype = ctypes.c_int
+
+    def moe(self, args: MoeArgs) -> None:
+        """One whole MoE layer; the tensors behind `args` must stay alive until it returns."""
+        status = self._moe(ctypes.byref(args))
+        if status == -1:
+            raise MemoryError("expert kernels: no memory for the layer's buffers")
+        if status:
+            raise ValueError("expert kernels: invalid MoE layer shape")
 
     @staticmethod
     def supports(x: torch.Tensor) -> bool:

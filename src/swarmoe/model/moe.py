@@ -695,6 +695,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        y = _moe_fused(self, flat)
+        if y is not None:
+            return y.view(shape)
         threads = _worker_threads(flat)
         if threads:
             return _moe_on_workers(self, flat, threads).view(shape)
@@ -703,6 +706,50 @@ class MoE(nn.Module):
             hook(self.layer_idx, indices)
         y = dispatch(flat, indices, weights, self.experts, shared=self.shared_experts)
         return y.view(shape)
+
+
+def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
+    """The whole layer (routing, shared and routed experts, the weighted sum) in one call of the
+    native kernels, or None where they do not apply: autograd, other devices or dtypes, expert
+    providers other than stacked full-precision weights, a custom router or shared module, or
+    batches large enough that the stock GEMMs do better."""
+    if torch.is_grad_enabled() or not kernels.ExpertKernels.supports(x):
+        return None
+    kern = kernels.expert_kernels()
+    gate, experts, shared = layer.gate, layer.experts, layer.shared_experts
+    if kern is None or type(gate) is not Router or type(experts) is not DenseExperts:
+        return None
+    n, hidden = x.shape
+    tensors = [experts.gate_up, experts.down]
+    if shared is not None:
+        if type(shared) is not MLP:
+            return None
+        tensors += [shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight]
+    if (
+        n * gate.top_k > KERNEL_MAX_ROWS * experts.num_experts
+        or any(t.dtype != x.dtype or not t.is_contiguous() for t in tensors)
+        or gate.weight.dtype != torch.float32
+        or gate.e_score_correction_bias.dtype != torch.float32
+    ):
+        return None
+    y = torch.empty_like(x)
+    indices = torch.empty(n, gate.top_k, dtype=torch.int64)
+    kern.moe(kernels.MoeArgs(
+        tokens=n, hidden=hidden, inter=experts.gate_up.shape[1] // 2,
+        shared_inter=tensors[2].shape[0] if shared is not None else 0,
+        experts=experts.num_experts, top_k=gate.top_k, groups=gate.n_group, top_groups=gate.topk_group,
+        threads=max(1, torch.get_num_threads()), dtype=kernels.DTYPES[x.dtype],
+        norm_top_k=int(gate.norm_topk_prob), scaling=gate.scaling,
+        router=gate.weight.data_ptr(), bias=gate.e_score_correction_bias.data_ptr(),
+        gate_up=tensors[0].data_ptr(), down=tensors[1].data_ptr(),
+        shared_gate=tensors[2].data_ptr() if shared is not None else None,
+        shared_up=tensors[3].data_ptr() if shared is not None else None,
+        shared_down=tensors[4].data_ptr() if shared is not None else None,
+        x=x.data_ptr(), y=y.data_ptr(), indices=indices.data_ptr(),
+    ))
+    for hook in layer.routing_hooks:
+        hook(layer.layer_idx, indices)
+    return y
 
 
 @dataclass
