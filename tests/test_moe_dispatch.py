@@ -1,6 +1,6 @@
 """Every dispatch path (calling thread / expert-parallel workers, pairs grouped in Python / sorted
-by expert, grouped GEMMs / per-expert loop, GEMV rows, weight-left bf16 GEMMs, INT4 experts,
-autograd) against a per-token, per-slot reference."""
+by expert, native kernels / grouped GEMMs / per-expert loop, GEMV rows, weight-left bf16 GEMMs,
+INT4 experts, autograd) against a per-token, per-slot reference."""
 
 from __future__ import annotations
 
@@ -46,7 +46,10 @@ def reference(x, idx, w, ex, shared):
 @pytest.mark.parametrize("kind", ["dense", "int4"])
 @pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("direct", [True, False])
-def test_dispatch_paths_match_reference(monkeypatch, tokens, threads, workers, kind, grouped, direct):
+@pytest.mark.parametrize("native", [True, False])
+def test_dispatch_paths_match_reference(monkeypatch, tokens, threads, workers, kind, grouped, direct, native):
+    if not native:
+        monkeypatch.setenv("SWARMOE_EXPERT_KERNELS", "0")
     monkeypatch.setattr(moe, "PARALLEL_MIN_HIDDEN", 0 if workers else 1 << 30)
     monkeypatch.setattr(moe, "GROUPED_MAX_SPAN", E if grouped else 0)
     monkeypatch.setattr(moe, "DIRECT_PAIRS", 1 << 30 if direct else 0)
