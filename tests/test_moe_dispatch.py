@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import swarmoe.model.moe as moe
+from swarmoe.model import kernels
 from swarmoe.model.quant import Int4Experts, quantize_int4
 
 E, H, INTER, K = 16, 64, 32, 4
@@ -49,7 +50,7 @@ def reference(x, idx, w, ex, shared):
 @pytest.mark.parametrize("native", [True, False])
 def test_dispatch_paths_match_reference(monkeypatch, tokens, threads, workers, kind, grouped, direct, native):
     if not native:
-        monkeypatch.setenv("SWARMOE_EXPERT_KERNELS", "0")
+        monkeypatch.setattr(kernels, "ENABLED", False)
     monkeypatch.setattr(moe, "PARALLEL_MIN_HIDDEN", 0 if workers else 1 << 30)
     monkeypatch.setattr(moe, "GROUPED_MAX_SPAN", E if grouped else 0)
     monkeypatch.setattr(moe, "DIRECT_PAIRS", 1 << 30 if direct else 0)

@@ -303,7 +303,7 @@ typedef struct {
     const void* shared_down; /* [hidden, shared_inter] */
     const void* x;           /* [tokens, hidden] */
     void* y;                 /* [tokens, hidden] */
-    int64_t* indices;        /* [tokens, top_k]: the routing, written for the caller */
+    int64_t* indices;        /* [tokens, top_k]: the routing, for the caller; NULL: not needed */
 } swarmoe_moe_args;
 
 enum { MAX_THREADS = 64, TASK_ROWS = 32, ROUTER_ROWS = 32, SELECT_TOKENS = 16, COMBINE_TOKENS = 8 };
@@ -327,7 +327,8 @@ static struct {
     /* buffers, grown by the caller between layers */
     int64_t cap_tokens, cap_experts, cap_hidden, cap_k;
     float *xf, *logits, *weights, *rows, *shared_rows;
-    int64_t *counts, *pairs;
+    int64_t *counts, *pairs, *indices;
+    int64_t* routing; /* the caller's indices, else ours */
     task_t* tasks;
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
@@ -437,7 +438,7 @@ static void select_item(int64_t i) {
                     for (int64_t j = g * size; j < (g + 1) * size; j++) choice[j] = -INFINITY;
             }
         }
-        int64_t* idx = a->indices + t * k;
+        int64_t* idx = pool.routing + t * k;
         float best[k];
         int64_t n = 0;
         for (e = 0; e < E; e++) { /* insertion into the k best so far, best first */
@@ -463,7 +464,7 @@ static void plan_item(void) {
     const int64_t E = a->experts, pairs = a->tokens * a->top_k;
     int64_t* counts = pool.counts;
     memset(counts, 0, E * sizeof(int64_t));
-    for (int64_t p = 0; p < pairs; p++) counts[a->indices[p]]++;
+    for (int64_t p = 0; p < pairs; p++) counts[pool.routing[p]]++;
     int64_t n = 0, offset = 0;
     for (int64_t e = 0; e < E; e++) {
         const int64_t c = counts[e];
@@ -472,7 +473,7 @@ static void plan_item(void) {
         counts[e] = offset; /* now the next free position of expert e */
         offset += c;
     }
-    for (int64_t p = 0; p < pairs; p++) pool.pairs[counts[a->indices[p]]++] = p;
+    for (int64_t p = 0; p < pairs; p++) pool.pairs[counts[pool.routing[p]]++] = p;
     pool.experts.items = n;
 }
 
@@ -551,11 +552,12 @@ static int reserve(const swarmoe_moe_args* a) {
         pool.weights = grow(pool.weights, nn * kk * 4);
         pool.counts = grow(pool.counts, ee * 8);
         pool.pairs = grow(pool.pairs, nn * kk * 8);
+        pool.indices = grow(pool.indices, nn * kk * 8);
         pool.tasks = grow(pool.tasks, (ee + nn * kk / TASK_ROWS + 1) * sizeof(task_t));
         pool.rows = grow(pool.rows, nn * kk * hh * 4);
         pool.shared_rows = grow(pool.shared_rows, nn * hh * 4);
-        if (!(pool.xf && pool.logits && pool.weights && pool.counts && pool.pairs && pool.tasks && pool.rows &&
-              pool.shared_rows))
+        if (!(pool.xf && pool.logits && pool.weights && pool.counts && pool.pairs && pool.indices && pool.tasks &&
+              pool.rows && pool.shared_rows))
             return -1;
         pool.cap_tokens = nn, pool.cap_experts = ee, pool.cap_hidden = hh, pool.cap_k = kk;
     }
@@ -589,6 +591,7 @@ int swarmoe_moe(const swarmoe_moe_args* a) {
             pool.helpers++;
         }
         pool.a = a;
+        pool.routing = a->indices ? a->indices : pool.indices;
         if (a->dtype == BF16) {
             widen_row(a->x, pool.xf, a->tokens * a->hidden); /* the router reads float32 */
         }

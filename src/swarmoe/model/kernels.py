@@ -67,6 +67,7 @@ class ExpertKernels:
 
     @staticmethod
     def supports(x: torch.Tensor) -> bool:
+        """Whether the kernels take x as activations."""
         return x.is_cpu and x.dtype in DTYPES and x.is_contiguous()
 
     def experts(
@@ -115,10 +116,12 @@ def _library() -> ExpertKernels | None:
 
 
 def expert_kernels() -> ExpertKernels | None:
-    """The native kernels, or None where they cannot be used or are turned off."""
-    if os.environ.get("SWARMOE_EXPERT_KERNELS", "1") == "0":
-        return None
-    return _library()
+    """The native kernels, or None where they cannot be used or are turned off (read once: the
+    layers ask on every call)."""
+    return _library() if ENABLED else None
+
+
+ENABLED = os.environ.get("SWARMOE_EXPERT_KERNELS", "1") != "0"
 
 
 def _cpu_signature() -> bytes:

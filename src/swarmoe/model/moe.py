@@ -712,42 +712,45 @@ def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
     """The whole layer (routing, shared and routed experts, the weighted sum) in one call of the
     native kernels, or None where they do not apply: autograd, other devices or dtypes, expert
     providers other than stacked full-precision weights, a custom router or shared module, or
-    batches large enough that the stock GEMMs do better."""
-    if torch.is_grad_enabled() or not kernels.ExpertKernels.supports(x):
-        return None
+    batches large enough that the stock GEMMs do better.
+
+    Written for a layer whose caches are cold (the layers before it evicted them): every
+    Python step and distinct torch call here costs microseconds, so modules and parameters are
+    read from their dicts, and only the output is allocated unless routing hooks want indices."""
     kern = kernels.expert_kernels()
-    gate, experts, shared = layer.gate, layer.experts, layer.shared_experts
-    if kern is None or type(gate) is not Router or type(experts) is not DenseExperts:
+    if kern is None or torch.is_grad_enabled() or not kern.supports(x):
         return None
-    n, hidden = x.shape
-    tensors = [experts.gate_up, experts.down]
+    modules = layer._modules
+    gate, experts, shared = modules["gate"], modules["experts"], modules.get("shared_experts")
+    if type(gate) is not Router or type(experts) is not DenseExperts:
+        return None
+    params = experts._parameters
+    tensors = [params["gate_up"], params["down"]]
     if shared is not None:
         if type(shared) is not MLP:
             return None
-        tensors += [shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight]
+        tensors += [m._parameters["weight"] for m in shared._modules.values()]
+    router, bias = gate._parameters["weight"], gate._buffers["e_score_correction_bias"]
+    n, hidden = x.shape
     if (
         n * gate.top_k > KERNEL_MAX_ROWS * experts.num_experts
         or any(t.dtype != x.dtype or not t.is_contiguous() for t in tensors)
-        or gate.weight.dtype != torch.float32
-        or gate.e_score_correction_bias.dtype != torch.float32
+        or router.dtype != torch.float32
+        or bias.dtype != torch.float32
     ):
         return None
     y = torch.empty_like(x)
-    indices = torch.empty(n, gate.top_k, dtype=torch.int64)
+    hooks = layer.routing_hooks
+    indices = torch.empty(n, gate.top_k, dtype=torch.int64) if hooks else None
     kern.moe(kernels.MoeArgs(
-        tokens=n, hidden=hidden, inter=experts.gate_up.shape[1] // 2,
-        shared_inter=tensors[2].shape[0] if shared is not None else 0,
-        experts=experts.num_experts, top_k=gate.top_k, groups=gate.n_group, top_groups=gate.topk_group,
-        threads=max(1, torch.get_num_threads()), dtype=kernels.DTYPES[x.dtype],
-        norm_top_k=int(gate.norm_topk_prob), scaling=gate.scaling,
-        router=gate.weight.data_ptr(), bias=gate.e_score_correction_bias.data_ptr(),
-        gate_up=tensors[0].data_ptr(), down=tensors[1].data_ptr(),
-        shared_gate=tensors[2].data_ptr() if shared is not None else None,
-        shared_up=tensors[3].data_ptr() if shared is not None else None,
-        shared_down=tensors[4].data_ptr() if shared is not None else None,
-        x=x.data_ptr(), y=y.data_ptr(), indices=indices.data_ptr(),
+        n, hidden, tensors[0].shape[1] // 2, tensors[2].shape[0] if shared is not None else 0,
+        experts.num_experts, gate.top_k, gate.n_group, gate.topk_group, torch.get_num_threads(),
+        kernels.DTYPES[x.dtype], gate.norm_topk_prob, gate.scaling,
+        router.data_ptr(), bias.data_ptr(), tensors[0].data_ptr(), tensors[1].data_ptr(),
+        *([t.data_ptr() for t in tensors[2:]] if shared is not None else (None, None, None)),
+        x.data_ptr(), y.data_ptr(), indices.data_ptr() if hooks else None,
     ))
-    for hook in layer.routing_hooks:
+    for hook in hooks:
         hook(layer.layer_idx, indices)
     return y
 
