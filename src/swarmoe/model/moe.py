@@ -693,11 +693,11 @@ class MoE(nn.Module):
         self.routing_hooks: list[RoutingHook] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _moe_fused(self, x)
+        if y is not None:
+            return y
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        y = _moe_fused(self, flat)
-        if y is not None:
-            return y.view(shape)
         threads = _worker_threads(flat)
         if threads:
             return _moe_on_workers(self, flat, threads).view(shape)
@@ -709,8 +709,8 @@ class MoE(nn.Module):
 
 
 def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
-    """The whole layer (routing, shared and routed experts, the weighted sum) in one call of the
-    native kernels, or None where they do not apply: autograd, other devices or dtypes, expert
+    """The whole layer over x [..., H] (routing, shared and routed experts, the weighted sum) in
+    one call of the native kernels, or None where they do not apply: autograd, other devices or dtypes, expert
     providers other than stacked full-precision weights, a custom router or shared module, or
     batches large enough that the stock GEMMs do better.
 
@@ -731,7 +731,8 @@ def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
             return None
         tensors += [m._parameters["weight"] for m in shared._modules.values()]
     router, bias = gate._parameters["weight"], gate._buffers["e_score_correction_bias"]
-    n, hidden = x.shape
+    hidden = x.shape[-1]
+    n = x.numel() // hidden
     if (
         n * gate.top_k > KERNEL_MAX_ROWS * experts.num_experts
         or any(t.dtype != x.dtype or not t.is_contiguous() for t in tensors)
