@@ -1,10 +1,15 @@
 """The MoE block: sigmoid router with `noaux_tc` selection, routed experts, shared experts.
 
-Dispatch never loops over all experts: (token, expert) pairs are sorted by expert, only experts
-that received tokens run (one fused gate/up GEMM and one down GEMM each), and results are
-combined with `index_add_`. Expert weights come from an `ExpertWeights` provider, so the same
-dispatch serves full-precision stacked weights, packed INT4 / FP8 experts dequantised on use,
-and an engine's offloaded expert cache.
+Dispatch never loops over all experts: (token, expert) pairs are grouped by expert and only
+experts that received tokens run. Three ways, fastest first where they apply:
+
+- the whole layer in one call of the native kernels (`kernels.c`, `_moe_fused`): stacked
+  full-precision experts, float32 or bfloat16 on an AVX-512 CPU;
+- tasks over runs of experts on persistent worker threads (`_Plan`), each calling the native
+  expert kernels (`swarmoe_experts`) or, where those are unavailable, PyTorch's GEMMs; expert
+  weights come from an `ExpertWeights` provider, so this serves packed INT4 / FP8 experts
+  dequantised on use and an engine's offloaded expert cache too;
+- a differentiable loop with `index_add_` when autograd is on.
 """
 
 from __future__ import annotations
@@ -674,8 +679,9 @@ def _dispatch_autograd(
     return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
 
-# Called with (layer index, indices [N,k]) after routing, before the experts run; on an expert
-# worker thread when the layer runs on the workers.
+# Called with (layer index, indices [N,k]) for every layer call: on the calling thread once the
+# native kernels have run the whole layer, else after routing and before the experts run (on an
+# expert worker thread when the layer runs on the workers).
 RoutingHook = Callable[[int, torch.Tensor], None]
 
 
