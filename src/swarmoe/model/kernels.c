@@ -307,9 +307,15 @@ typedef struct {
 } swarmoe_moe_args;
 
 enum { MAX_THREADS = 64, TASK_ROWS = 32, ROUTER_ROWS = 32, SELECT_TOKENS = 16, COMBINE_TOKENS = 8 };
+/* Below this many (token, expert) pairs per thread, experts run in MAX_PARTS parts. */
+enum { SPLIT_BELOW_PAIRS = 16, MAX_PARTS = 2 };
 
+/* One expert (-1: the shared experts) over rows begin..end-1 (of the pairs sorted by expert, or
+ * tokens for the shared experts), for part lo..hi-1 of the intermediate range (up tasks: gate,
+ * up and the SwiGLU product) or of the hidden range (down tasks: those output columns). Either
+ * part is a run of whole weight rows, so every task streams contiguous memory. */
 typedef struct {
-    int64_t expert, begin, end; /* rows begin..end-1 of the pairs sorted by expert */
+    int64_t expert, begin, end, lo, hi;
 } task_t;
 
 typedef struct {
@@ -323,13 +329,15 @@ static struct {
     _Atomic uint32_t generation; /* futex word: bumped for every layer */
     _Atomic int open, active, failed;
     const swarmoe_moe_args* a;
-    phase_t router, shared, select, plan, experts, combine;
+    phase_t router, shared, select, plan, up, down, combine;
     /* buffers, grown by the caller between layers */
-    int64_t cap_tokens, cap_experts, cap_hidden, cap_k;
+    int64_t cap_tokens, cap_experts, cap_hidden, cap_k, cap_inter;
     float *xf, *logits, *weights, *rows, *shared_rows;
+    void *act, *shared_act; /* SwiGLU products, [pairs sorted by expert, I] and [tokens, shared I] */
     int64_t *counts, *pairs, *indices;
     int64_t* routing; /* the caller's indices, else ours */
-    task_t* tasks;
+    int64_t parts;    /* each expert's work is cut in this many up and this many down tasks */
+    task_t *shared_up, *shared_down, *up_tasks, *down_tasks;
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 static void reset_after_fork(void) {
@@ -360,42 +368,92 @@ static void router_item(int64_t i) {
               a->experts);
 }
 
-/* Routed or shared rows through one expert, weighted, into their rows. */
-static void expert_item(int64_t expert, int64_t begin, int64_t end) {
+/* The weights and sizes of expert e (-1: the shared experts). */
+typedef struct {
+    const char *gate, *up, *down;
+    int64_t inter;
+} expert_t;
+
+static expert_t expert_at(int64_t e) {
     const swarmoe_moe_args* a = pool.a;
-    const int64_t H = a->hidden, M = end - begin, I = expert < 0 ? a->shared_inter : a->inter;
+    if (e < 0) return (expert_t){a->shared_gate, a->shared_up, a->shared_down, a->shared_inter};
+    const int64_t wsize = a->dtype == BF16 ? 2 : 4, I = a->inter, H = a->hidden;
+    const char* gate = (const char*)a->gate_up + e * 2 * I * H * wsize;
+    return (expert_t){gate, gate + I * H * wsize, (const char*)a->down + e * H * I * wsize, I};
+}
+
+/* Gate and up rows lo..hi-1 of a task's expert over its rows, SwiGLU, into the act rows. */
+static void up_item(const task_t* t) {
+    const swarmoe_moe_args* a = pool.a;
+    const expert_t ex = expert_at(t->expert);
+    const int64_t H = a->hidden, M = t->end - t->begin, I = t->hi - t->lo;
     const int64_t wsize = a->dtype == BF16 ? 2 : 4, xsize = x_size(a->dtype);
-    float* base = scratch_floats(expert_scratch_floats(M, H, I));
-    if (base == NULL) {
+    float* xs = scratch_floats(M * H + 2 * M * I);
+    if (xs == NULL) {
         atomic_store(&pool.failed, 1);
         return;
     }
-    expert_scratch s = expert_scratch_at(base, M, H, I);
+    float *hg = xs + M * H, *hu = hg + M * I;
     /* The activations as the kernels read them: bf16 straight from x, else float32. */
     const char* x = xsize == 2 ? (const char*)a->x : (const char*)x_f32();
     for (int64_t m = 0; m < M; m++) {
-        const int64_t t = expert < 0 ? begin + m : pool.pairs[begin + m] / a->top_k;
-        memcpy((char*)s.xs + m * H * xsize, x + t * H * xsize, H * xsize);
+        const int64_t tok = t->expert < 0 ? t->begin + m : pool.pairs[t->begin + m] / a->top_k;
+        memcpy((char*)xs + m * H * xsize, x + tok * H * xsize, H * xsize);
     }
-    if (expert < 0) {
-        expert_rows(a->dtype, a->shared_gate, a->shared_up, a->shared_down, M, H, I, s);
-    } else {
-        const char* gu = (const char*)a->gate_up + expert * 2 * I * H * wsize;
-        expert_rows(a->dtype, gu, gu + I * H * wsize, (const char*)a->down + expert * H * I * wsize, M, H, I, s);
-    }
+    matmul_wt(a->dtype, ex.gate + t->lo * H * wsize, I, H, xs, M, H, hg, I);
+    matmul_wt(a->dtype, ex.up + t->lo * H * wsize, I, H, xs, M, H, hu, I);
+    char* act = t->expert < 0 ? (char*)pool.shared_act : (char*)pool.act;
     for (int64_t m = 0; m < M; m++) {
-        if (expert < 0) {
-            memcpy(pool.shared_rows + (begin + m) * H, s.ys + m * H, H * sizeof(float));
+        float* g = hg + m * I;
+        silu_mul(g, hu + m * I, I);
+        char* row = act + ((t->begin + m) * ex.inter + t->lo) * xsize;
+        if (xsize == 2)
+            for (int64_t i = 0; i < I; i++) ((uint16_t*)row)[i] = to_bf16(g[i]);
+        else
+            memcpy(row, g, I * sizeof(float));
+    }
+}
+
+/* Down rows lo..hi-1 (output columns) of a task's expert over its act rows, weighted, into the
+ * rows of its pairs (or tokens). */
+static void down_item(const task_t* t) {
+    const swarmoe_moe_args* a = pool.a;
+    const expert_t ex = expert_at(t->expert);
+    const int64_t H = a->hidden, M = t->end - t->begin, N = t->hi - t->lo;
+    const int64_t wsize = a->dtype == BF16 ? 2 : 4, xsize = x_size(a->dtype);
+    float* ys = scratch_floats(M * N);
+    if (ys == NULL) {
+        atomic_store(&pool.failed, 1);
+        return;
+    }
+    const char* act = (t->expert < 0 ? (const char*)pool.shared_act : (const char*)pool.act) +
+                      t->begin * ex.inter * xsize;
+    matmul_wt(a->dtype, ex.down + t->lo * ex.inter * wsize, N, ex.inter, act, M, ex.inter, ys, N);
+    for (int64_t m = 0; m < M; m++) {
+        if (t->expert < 0) {
+            memcpy(pool.shared_rows + (t->begin + m) * H + t->lo, ys + m * N, N * sizeof(float));
         } else {
-            const int64_t p = pool.pairs[begin + m];
-            store_row(F32, s.ys + m * H, pool.weights[p], pool.rows, p, H);
+            const int64_t p = pool.pairs[t->begin + m];
+            const float w = pool.weights[p];
+            float* dst = pool.rows + p * H + t->lo;
+            for (int64_t h = 0; h < N; h++) dst[h] = ys[m * N + h] * w;
         }
     }
 }
 
-static void shared_item(int64_t i) {
-    const int64_t begin = i * TASK_ROWS, end = begin + TASK_ROWS < pool.a->tokens ? begin + TASK_ROWS : pool.a->tokens;
-    expert_item(-1, begin, end);
+/* Tasks for an expert over rows begin..end-1: `parts` up and `parts` down tasks per run of at
+ * most TASK_ROWS rows. Returns how many up tasks it wrote (as many down tasks). */
+static int64_t expert_tasks(int64_t e, int64_t begin, int64_t end, task_t* up, task_t* down) {
+    const int64_t I = expert_at(e).inter, H = pool.a->hidden, parts = pool.parts;
+    int64_t n = 0;
+    for (int64_t b = begin; b < end; b += TASK_ROWS) {
+        const int64_t stop = b + TASK_ROWS < end ? b + TASK_ROWS : end;
+        for (int64_t j = 0; j < parts; j++, n++) {
+            up[n] = (task_t){e, b, stop, I * j / parts, I * (j + 1) / parts};
+            down[n] = (task_t){e, b, stop, H * j / parts, H * (j + 1) / parts};
+        }
+    }
+    return n;
 }
 
 /* Sigmoid scores, noaux_tc choice (score + correction bias) within the best groups, top-k,
@@ -458,7 +516,8 @@ static void select_item(int64_t i) {
     }
 }
 
-/* Pairs (token * k + slot) sorted by expert (counting sort), cut into tasks of <= TASK_ROWS. */
+/* Pairs (token * k + slot) sorted by expert (counting sort), and the experts' tasks (the shared
+ * experts' down tasks after the routed experts'). */
 static void plan_item(void) {
     const swarmoe_moe_args* a = pool.a;
     const int64_t E = a->experts, pairs = a->tokens * a->top_k;
@@ -468,13 +527,17 @@ static void plan_item(void) {
     int64_t n = 0, offset = 0;
     for (int64_t e = 0; e < E; e++) {
         const int64_t c = counts[e];
-        for (int64_t b = offset; b < offset + c; b += TASK_ROWS)
-            pool.tasks[n++] = (task_t){e, b, b + TASK_ROWS < offset + c ? b + TASK_ROWS : offset + c};
+        n += expert_tasks(e, offset, offset + c, pool.up_tasks + n, pool.down_tasks + n);
         counts[e] = offset; /* now the next free position of expert e */
         offset += c;
     }
     for (int64_t p = 0; p < pairs; p++) pool.pairs[counts[pool.routing[p]]++] = p;
-    pool.experts.items = n;
+    pool.up.items = n;
+    if (a->shared_gate) {
+        memcpy(pool.down_tasks + n, pool.shared_down, pool.shared.items * sizeof(task_t));
+        n += pool.shared.items;
+    }
+    pool.down.items = n;
 }
 
 /* Each token's k weighted rows summed in slot order, then its shared experts' row. */
@@ -500,17 +563,21 @@ static void combine_item(int64_t i) {
         atomic_fetch_add(&pool.PH.done, 1);                              \
     }
 
+/* One thread's part of a layer. The shared experts' up tasks need no routing and fill the wait
+ * for it; every down task waits for all up tasks, so both phases split evenly across threads. */
 static void work(void) {
     TAKE(router, router_item(i));
-    TAKE(shared, shared_item(i));
+    TAKE(shared, up_item(&pool.shared_up[i]));
     wait_done(&pool.router);
     TAKE(select, select_item(i));
     wait_done(&pool.select);
     TAKE(plan, (void)i; plan_item());
     wait_done(&pool.plan);
-    TAKE(experts, expert_item(pool.tasks[i].expert, pool.tasks[i].begin, pool.tasks[i].end));
-    wait_done(&pool.experts);
+    TAKE(up, up_item(&pool.up_tasks[i]));
+    wait_done(&pool.up);
     wait_done(&pool.shared);
+    TAKE(down, down_item(&pool.down_tasks[i]));
+    wait_done(&pool.down);
     TAKE(combine, combine_item(i));
 }
 
@@ -543,23 +610,33 @@ static void* grow(void* p, int64_t bytes) {
 /* Buffers for a layer of this shape; 0, or -1 without memory. */
 static int reserve(const swarmoe_moe_args* a) {
     const int64_t n = a->tokens, E = a->experts, H = a->hidden, k = a->top_k;
-    if (n > pool.cap_tokens || E > pool.cap_experts || H > pool.cap_hidden || k > pool.cap_k) {
+    const int64_t I = a->inter > a->shared_inter ? a->inter : a->shared_inter;
+    if (n > pool.cap_tokens || E > pool.cap_experts || H > pool.cap_hidden || k > pool.cap_k || I > pool.cap_inter) {
         const int64_t nn = n > pool.cap_tokens ? n : pool.cap_tokens, ee = E > pool.cap_experts ? E : pool.cap_experts;
         const int64_t hh = H > pool.cap_hidden ? H : pool.cap_hidden, kk = k > pool.cap_k ? k : pool.cap_k;
-        pool.cap_tokens = pool.cap_experts = pool.cap_hidden = pool.cap_k = 0;
+        const int64_t ii = I > pool.cap_inter ? I : pool.cap_inter;
+        pool.cap_tokens = pool.cap_experts = pool.cap_hidden = pool.cap_k = pool.cap_inter = 0;
+        /* tasks: per expert and per run of TASK_ROWS pairs, MAX_PARTS of each kind (+ shared) */
+        const int64_t tasks = MAX_PARTS * (ee + nn * kk / TASK_ROWS + 1), shared = MAX_PARTS * (nn / TASK_ROWS + 1);
         pool.xf = grow(pool.xf, nn * hh * 4);
         pool.logits = grow(pool.logits, nn * ee * 4);
         pool.weights = grow(pool.weights, nn * kk * 4);
         pool.counts = grow(pool.counts, ee * 8);
         pool.pairs = grow(pool.pairs, nn * kk * 8);
         pool.indices = grow(pool.indices, nn * kk * 8);
-        pool.tasks = grow(pool.tasks, (ee + nn * kk / TASK_ROWS + 1) * sizeof(task_t));
+        pool.up_tasks = grow(pool.up_tasks, tasks * sizeof(task_t));
+        pool.down_tasks = grow(pool.down_tasks, (tasks + shared) * sizeof(task_t));
+        pool.shared_up = grow(pool.shared_up, shared * sizeof(task_t));
+        pool.shared_down = grow(pool.shared_down, shared * sizeof(task_t));
         pool.rows = grow(pool.rows, nn * kk * hh * 4);
         pool.shared_rows = grow(pool.shared_rows, nn * hh * 4);
-        if (!(pool.xf && pool.logits && pool.weights && pool.counts && pool.pairs && pool.indices && pool.tasks &&
-              pool.rows && pool.shared_rows))
+        pool.act = grow(pool.act, nn * kk * ii * 4);
+        pool.shared_act = grow(pool.shared_act, nn * ii * 4);
+        if (!(pool.xf && pool.logits && pool.weights && pool.counts && pool.pairs && pool.indices && pool.up_tasks &&
+              pool.down_tasks && pool.shared_up && pool.shared_down && pool.rows && pool.shared_rows && pool.act &&
+              pool.shared_act))
             return -1;
-        pool.cap_tokens = nn, pool.cap_experts = ee, pool.cap_hidden = hh, pool.cap_k = kk;
+        pool.cap_tokens = nn, pool.cap_experts = ee, pool.cap_hidden = hh, pool.cap_k = kk, pool.cap_inter = ii;
     }
     return 0;
 }
@@ -596,10 +673,14 @@ int swarmoe_moe(const swarmoe_moe_args* a) {
             widen_row(a->x, pool.xf, a->tokens * a->hidden); /* the router reads float32 */
         }
         start_phase(&pool.router, (a->experts + ROUTER_ROWS - 1) / ROUTER_ROWS);
-        start_phase(&pool.shared, a->shared_gate ? (a->tokens + TASK_ROWS - 1) / TASK_ROWS : 0);
+        /* Few pairs per thread (decode): each expert's work is cut in parts, so that the threads
+         * share a layer's handful of experts evenly. */
+        pool.parts = a->tokens * a->top_k < SPLIT_BELOW_PAIRS * a->threads ? MAX_PARTS : 1;
+        start_phase(&pool.shared, a->shared_gate ? expert_tasks(-1, 0, a->tokens, pool.shared_up, pool.shared_down) : 0);
         start_phase(&pool.select, (a->tokens + SELECT_TOKENS - 1) / SELECT_TOKENS);
         start_phase(&pool.plan, 1);
-        start_phase(&pool.experts, 0); /* its items are set by the plan */
+        start_phase(&pool.up, 0); /* the plan sets how many up and down tasks */
+        start_phase(&pool.down, 0);
         start_phase(&pool.combine, (a->tokens + COMBINE_TOKENS - 1) / COMBINE_TOKENS);
         atomic_store(&pool.failed, 0);
         atomic_store(&pool.open, 1);
