@@ -1,20 +1,28 @@
-/* Expert kernels for swarmoe's MoE dispatch on CPUs with AVX-512 (built by kernels.py).
+/* Expert kernels for swarmoe's MoE layers on x86-64 Linux with AVX-512 (built by kernels.py).
  *
  * Why hand-written: an MoE layer at decode and small batches runs each expert on a few rows.
  * Stock kernels treat that as a GEMM (packing the weight first) or as separate GEMV calls with a
  * Python step between each; with the layer's weights cold in memory the useful limit is the
- * memory bus. Here one call runs a list of experts end to end: gathers its rows, streams each
- * expert's weights once while computing every row against them, applies SwiGLU, scales by the
- * routing weight and writes the rows back, with no Python in between.
+ * memory bus. These stream each expert's weights once while computing every row against them.
+ *
+ * Two entry points: swarmoe_experts runs a list of experts end to end for swarmoe's worker
+ * threads (any expert provider: dequantised INT4/FP8, offloaded caches); swarmoe_moe runs a
+ * whole layer of stacked full-precision experts, routing included, on its own helper threads.
  *
  * Layout: weights row-major as checkpoints store them (gate/up [I, H], down [H, I]); activations
  * row-major; float32 accumulation whatever the weight dtype.
  */
 #include <immintrin.h>
+#include <linux/futex.h>
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #ifndef __AVX512F__
 #error "swarmoe expert kernels need AVX-512F"
@@ -283,12 +291,6 @@ int swarmoe_experts(int64_t first, int64_t last, const int64_t* gate, const int6
  * start. Every (token, expert) pair's weighted row and the shared experts' rows land in rows
  * of their own; the last phase sums each token's rows in a fixed order, so the result does not
  * depend on which thread ran what. */
-#include <linux/futex.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 typedef struct {
     int64_t tokens, hidden, inter, shared_inter, experts, top_k, groups, top_groups, threads;

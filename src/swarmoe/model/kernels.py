@@ -1,7 +1,8 @@
 """Native expert kernels (kernels.c): built with the system C compiler on first use, cached.
 
 The MoE dispatch uses them for CPU experts in float32 and bfloat16 when they are available, and
-PyTorch's kernels otherwise: no compiler, a CPU without AVX-512, or `SWARMOE_EXPERT_KERNELS=0`.
+PyTorch's kernels otherwise: no compiler, not x86-64 Linux, a CPU without AVX-512, or
+`SWARMOE_EXPERT_KERNELS=0`.
 The library is compiled for the machine it runs on (`-march=native`) into
 `$XDG_CACHE_HOME/swarmoe` (default `~/.cache/swarmoe`), keyed by the source, the compiler and
 the CPU, so a change to any of them builds afresh; building takes about a second.
@@ -16,6 +17,7 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -105,8 +107,11 @@ def address(array: ctypes.Array) -> int:
 
 @functools.cache
 def _library() -> ExpertKernels | None:
-    if platform.machine().lower() not in ("x86_64", "amd64") or os.name != "posix":
-        log.info("swarmoe expert kernels: x86-64 only; using PyTorch kernels")
+    if platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"):
+        log.info("swarmoe expert kernels: x86-64 Linux only; using PyTorch kernels")
+        return None
+    if b" avx512f" not in _cpu_signature():
+        log.info("swarmoe expert kernels: this CPU has no AVX-512; using PyTorch kernels")
         return None
     try:
         return ExpertKernels(ctypes.CDLL(str(_build())))
