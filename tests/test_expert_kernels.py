@@ -161,6 +161,14 @@ def test_result_does_not_depend_on_threads_or_timing(calls):
 
 
 @needs_kernels
+def test_a_wrong_hidden_size_is_an_error_not_a_crash(calls):
+    ours, _ = layers(BASE, torch.float32)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="shape|size"):
+        ours(torch.randn(3, BASE["hidden"] + 8))
+    assert calls == []
+
+
+@needs_kernels
 def test_routing_hooks_see_the_kernels_routing(calls):
     ours, _ = layers(ODD, torch.float32)
     seen = []

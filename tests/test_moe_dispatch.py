@@ -137,3 +137,19 @@ def test_moe_layer_on_workers_matches_calling_thread(monkeypatch, tokens, dtype)
     assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
     assert len(seen) == 2 and seen[0][0] == seen[1][0] == 3
     assert torch.equal(seen[0][1], seen[1][1])
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("tokens", [2, 40])
+def test_bad_dispatch_input_is_an_error_on_every_path(monkeypatch, native, tokens):
+    if not native:
+        monkeypatch.setattr(kernels, "ENABLED", False)
+    ex, shared = experts("dense"), moe.MLP(H, INTER)
+    idx = torch.randint(0, E, (tokens, K))
+    with torch.inference_mode():
+        bad = idx.clone()
+        bad[0, 0] = E  # no such expert
+        with pytest.raises((IndexError, RuntimeError)):
+            moe.dispatch(torch.randn(tokens, H), bad, torch.rand(tokens, K), ex, shared=shared)
+        with pytest.raises(RuntimeError):
+            moe.dispatch(torch.randn(tokens, H + 8), idx, torch.rand(tokens, K), ex)

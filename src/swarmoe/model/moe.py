@@ -249,6 +249,11 @@ class _Plan:
         rows, runs its experts and writes their weighted rows of out, with no Python between
         experts when the weights are stacked."""
         n, k = self.shape
+        # The kernels read where they are told: check what PyTorch's kernels would have.
+        if min(ids) < 0 or max(ids) >= experts.num_experts:
+            raise IndexError(f"expert index out of range [0, {experts.num_experts}): {min(ids)}..{max(ids)}")
+        if stacks is not None and stacks[0].shape[2] != x.shape[1]:
+            raise RuntimeError(f"hidden size mismatch: x has {x.shape[1]}, the experts {stacks[0].shape[2]}")
         self.weighted = True
         weights = self.weights.to(torch.float32).contiguous()
         ends_at = kernels.int64s(ends)
@@ -279,6 +284,8 @@ class _Plan:
             for j in range(first, last):
                 gate_up, down = _expert_weights(ids[j], x.dtype, experts, None, lock)
                 gate_up, down = gate_up.contiguous(), down.contiguous()
+                if gate_up.shape[1] != x.shape[1]:
+                    raise RuntimeError(f"hidden size mismatch: x has {x.shape[1]}, expert {ids[j]} {gate_up.shape[1]}")
                 inter = gate_up.shape[0] // 2
                 gate = gate_up.data_ptr()
                 at = kernels.int64s([gate, gate + inter * gate_up.stride(0) * gate_up.element_size(), down.data_ptr()])
@@ -716,9 +723,10 @@ class MoE(nn.Module):
 
 def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
     """The whole layer over x [..., H] (routing, shared and routed experts, the weighted sum) in
-    one call of the native kernels, or None where they do not apply: autograd, other devices or dtypes, expert
-    providers other than stacked full-precision weights, a custom router or shared module, or
-    batches large enough that the stock GEMMs do better.
+    one call of the native kernels, or None where they do not apply: autograd, other devices or
+    dtypes, expert providers other than stacked full-precision weights, a custom router or shared
+    module, batches large enough that the stock GEMMs do better, or shapes that do not fit (the
+    PyTorch path then raises the usual error).
 
     Written for a layer whose caches are cold (the layers before it evicted them): every
     Python step and distinct torch call here costs microseconds, so modules and parameters are
@@ -742,8 +750,13 @@ def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
     if (
         n * gate.top_k > KERNEL_MAX_ROWS * experts.num_experts
         or any(t.dtype != x.dtype or not t.is_contiguous() for t in tensors)
+        or tensors[0].shape[2] != hidden
         or router.dtype != torch.float32
         or bias.dtype != torch.float32
+        or router.shape != (experts.num_experts, hidden)
+        or not router.is_contiguous()
+        or bias.shape != (experts.num_experts,)
+        or (shared is not None and tensors[2].shape[1] != hidden)
     ):
         return None
     y = torch.empty_like(x)
