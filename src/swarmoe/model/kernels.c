@@ -177,6 +177,21 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);            /* round to nearest even */
 }
 
+/* silu(gate) * up for M rows of I values (gate overwritten), written where the down projection
+ * reads them: act, row stride ld, in its activation format (x_size); act may be gate itself. */
+static void swiglu_rows(int dtype, float* gate, const float* up, int64_t M, int64_t I, void* act, int64_t ld) {
+    const int64_t xsize = x_size(dtype);
+    for (int64_t m = 0; m < M; m++) {
+        float* g = gate + m * I;
+        silu_mul(g, up + m * I, I);
+        char* row = (char*)act + m * ld * xsize;
+        if (xsize == 2)
+            for (int64_t i = 0; i < I; i++) ((uint16_t*)row)[i] = to_bf16(g[i]);
+        else if (row != (char*)g)
+            memcpy(row, g, I * sizeof(float));
+    }
+}
+
 static void widen_row(const uint16_t* src, float* dst, int64_t H) {
     for (int64_t h = 0; h < H; h++) {
         uint32_t u = (uint32_t)src[h] << 16;
@@ -241,12 +256,7 @@ static void expert_rows(int dtype, const void* gate, const void* up, const void*
     matmul_wt(dtype, gate, I, H, s.xs, M, H, s.hg, I);
     matmul_wt(dtype, up, I, H, s.xs, M, H, s.hu, I);
     void* act = x_size(dtype) == 2 ? s.act : s.hg;
-    for (int64_t m = 0; m < M; m++) {
-        float* g = s.hg + m * I;
-        silu_mul(g, s.hu + m * I, I);
-        if (act != s.hg)
-            for (int64_t i = 0; i < I; i++) ((uint16_t*)act)[m * I + i] = to_bf16(g[i]);
-    }
+    swiglu_rows(dtype, s.hg, s.hu, M, I, act, I);
     matmul_wt(dtype, down, H, I, act, M, I, s.ys, H);
 }
 
@@ -405,15 +415,7 @@ static void up_item(const task_t* t) {
     matmul_wt(a->dtype, ex.gate + t->lo * H * wsize, I, H, xs, M, H, hg, I);
     matmul_wt(a->dtype, ex.up + t->lo * H * wsize, I, H, xs, M, H, hu, I);
     char* act = t->expert < 0 ? (char*)pool.shared_act : (char*)pool.act;
-    for (int64_t m = 0; m < M; m++) {
-        float* g = hg + m * I;
-        silu_mul(g, hu + m * I, I);
-        char* row = act + ((t->begin + m) * ex.inter + t->lo) * xsize;
-        if (xsize == 2)
-            for (int64_t i = 0; i < I; i++) ((uint16_t*)row)[i] = to_bf16(g[i]);
-        else
-            memcpy(row, g, I * sizeof(float));
-    }
+    swiglu_rows(a->dtype, hg, hu, M, I, act + (t->begin * ex.inter + t->lo) * xsize, ex.inter);
 }
 
 /* Down rows lo..hi-1 (output columns) of a task's expert over its act rows, weighted, into the
