@@ -44,8 +44,9 @@ static inline __m512 mload_bf16(const void* p, int64_t i, int64_t n) {
     return widen_bf16(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), (const uint16_t*)p + i));
 }
 static inline __m512 fma_f32(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
-/* Prefetch distance along a weight row: the hardware prefetcher alone keeps fewer lines in flight
- * than one core can use, most of all for bf16 rows (half the bytes per element). */
+/* Prefetch distance along a weight row in the four-row tiles: with four interleaved streams the
+ * hardware prefetcher alone keeps fewer lines in flight than one core can use. One-row tiles read
+ * memory in order, which the hardware prefetcher follows better without these. */
 enum { PREFETCH_BYTES = 1024 };
 static inline void prefetch(const void* p, int64_t i, int64_t size) {
     _mm_prefetch((const char*)p + i * size + PREFETCH_BYTES, _MM_HINT_T0);
@@ -80,7 +81,7 @@ static inline __m512 dot_bf16(__m512 acc, __m512 w, __m512 x) {
             __m512 wv[R];                                                                          \
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                  \
                 wv[r] = LOADW(w, r * K + k);                                                       \
-                if ((k * WSIZE) % 64 == 0) prefetch(w, r * K + k, WSIZE);                          \
+                if (R > 1 && (k * WSIZE) % 64 == 0) prefetch(w, r * K + k, WSIZE);                 \
             }                                                                                      \
             _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++) {                                 \
                 __m512 xv = LOADX(x, m * ldx + k);                                                 \
@@ -124,14 +125,22 @@ enum { MAX_TILE_ROWS = 6 };
  * weights take bf16 activations. */
 static inline int64_t x_size(int dtype) { return dtype == BF16 && BF16_ACTIVATIONS ? 2 : 4; }
 
-/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ w[N, K]^T: four weight rows at a time,
- * every activation row against them before moving on, so each weight is read from memory once. */
+/* Up to this many activation rows, weights are read one row at a time, straight through memory:
+ * four rows at a time are four streams 2-4 KiB apart, which the hardware prefetcher follows
+ * poorly (measured on Zen 4 with caches cold: an expert's weights read at ~18 GB/s that way,
+ * ~31 GB/s in order, both threads busy). Above it, the four-row tiles' fewer activation loads
+ * per weight matter more. */
+enum { ROW_BY_ROW_MAX = 12 };
+
+/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ w[N, K]^T: one or four weight rows at a
+ * time, every activation row against them before moving on, so each weight is read from memory
+ * once. */
 static void matmul_wt(int dtype, const void* w, int64_t N, int64_t K, const void* x, int64_t M, int64_t ldx,
                       float* y, int64_t ldy) {
     const tile_fn(*tiles)[7] = dtype == BF16 ? bf16_tiles : f32_tiles;
     const int64_t wsize = dtype == BF16 ? 2 : 4, xsize = x_size(dtype);
     for (int64_t n = 0; n < N;) {
-        const int four = N - n >= 4;
+        const int four = N - n >= 4 && M > ROW_BY_ROW_MAX;
         const char* wn = (const char*)w + n * K * wsize;
         for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
             const int64_t rows = M - m < MAX_TILE_ROWS ? M - m : MAX_TILE_ROWS;
