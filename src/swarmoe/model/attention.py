@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swarmoe.config import RopeConfig, TextConfig
+from swarmoe.model.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -107,17 +108,17 @@ class MLAttention(nn.Module):
         h = cfg.num_attention_heads
         bias = cfg.attention_bias
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(cfg.hidden_size, h * cfg.qk_head_dim, bias=False)
+            self.q_proj = Linear(cfg.hidden_size, h * cfg.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(
+            self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(
             cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias
         )
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * cfg.v_head_dim, cfg.hidden_size, bias=bias)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = Linear(h * cfg.v_head_dim, cfg.hidden_size, bias=bias)
         self.scale = softmax_scale(cfg)
 
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

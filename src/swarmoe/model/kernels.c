@@ -5,9 +5,10 @@
  * Python step between each; with the layer's weights cold in memory the useful limit is the
  * memory bus. These stream each expert's weights once while computing every row against them.
  *
- * Two entry points: swarmoe_experts runs a list of experts end to end for swarmoe's worker
+ * Three entry points: swarmoe_experts runs a list of experts end to end for swarmoe's worker
  * threads (any expert provider: dequantised INT4/FP8, offloaded caches); swarmoe_moe runs a
- * whole layer of stacked full-precision experts, routing included, on its own helper threads.
+ * whole layer of stacked full-precision experts, routing included, on its own helper threads;
+ * swarmoe_linear runs a dense linear layer over a few rows (decode) on those same threads.
  *
  * Layout: weights row-major as checkpoints store them (gate/up [I, H], down [H, I]); activations
  * row-major; float32 accumulation whatever the weight dtype.
@@ -125,12 +126,13 @@ enum { MAX_TILE_ROWS = 6 };
  * weights take bf16 activations. */
 static inline int64_t x_size(int dtype) { return dtype == BF16 && BF16_ACTIVATIONS ? 2 : 4; }
 
-/* Up to this many activation rows, weights are read one row at a time, straight through memory:
- * four rows at a time are four streams 2-4 KiB apart, which the hardware prefetcher follows
- * poorly (measured on Zen 4 with caches cold: an expert's weights read at ~18 GB/s that way,
- * ~31 GB/s in order, both threads busy). Above it, the four-row tiles' fewer activation loads
- * per weight matter more. */
-enum { ROW_BY_ROW_MAX = 12 };
+/* Up to this many activation rows, as long as they fit in a part of L1 beside the streaming
+ * weights, weights are read one row at a time, straight through memory: four rows at a time are
+ * four streams 2-4 KiB apart, which the hardware prefetcher follows poorly (measured on Zen 4
+ * with caches cold: an expert's weights read at ~18 GB/s that way, ~31 GB/s in order, both
+ * threads busy). With more or longer activation rows, the four-row tiles' fewer activation loads
+ * per weight matter more (one-row tiles reading 32 KiB of activations: 17 GB/s, four-row 22). */
+enum { ROW_BY_ROW_MAX = 12, ROW_BY_ROW_X_BYTES = 16 << 10 };
 
 /* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ w[N, K]^T: one or four weight rows at a
  * time, every activation row against them before moving on, so each weight is read from memory
@@ -140,7 +142,7 @@ static void matmul_wt(int dtype, const void* w, int64_t N, int64_t K, const void
     const tile_fn(*tiles)[7] = dtype == BF16 ? bf16_tiles : f32_tiles;
     const int64_t wsize = dtype == BF16 ? 2 : 4, xsize = x_size(dtype);
     for (int64_t n = 0; n < N;) {
-        const int four = N - n >= 4 && M > ROW_BY_ROW_MAX;
+        const int four = N - n >= 4 && (M > ROW_BY_ROW_MAX || M * K * xsize > ROW_BY_ROW_X_BYTES);
         const char* wn = (const char*)w + n * K * wsize;
         for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
             const int64_t rows = M - m < MAX_TILE_ROWS ? M - m : MAX_TILE_ROWS;
@@ -344,13 +346,29 @@ typedef struct {
     int64_t items;
 } phase_t;
 
+/* y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]), all in dtype; y row-major. */
+typedef struct {
+    int64_t rows, in, out, threads;
+    int32_t dtype;
+    const void *x, *w, *bias;
+    void* y;
+} swarmoe_linear_args;
+
 static struct {
-    pthread_mutex_t lock; /* one layer at a time */
+    pthread_mutex_t lock; /* one call at a time */
     int helpers;
-    _Atomic uint32_t generation; /* futex word: bumped for every layer */
+    _Atomic uint32_t generation; /* futex word: bumped for every call */
     _Atomic int open, active, failed;
+    void (*job)(void); /* what the threads of the current call run */
+    int64_t threads;   /* how many threads the current call uses */
     const swarmoe_moe_args* a;
     phase_t router, shared, select, plan, up, down, combine;
+    const swarmoe_linear_args* l;
+    phase_t linear;
+    int64_t linear_rows; /* output rows per item */
+    const void* linear_x; /* the activations as the kernels read them: the caller's, or widened */
+    void* widened;        /* float32 copy of bf16 activations, on CPUs without AVX512-BF16 */
+    int64_t widened_bytes;
     /* buffers, grown by the caller between layers */
     int64_t cap_tokens, cap_experts, cap_hidden, cap_k, cap_inter;
     float *xf, *logits, *weights, *rows, *shared_rows;
@@ -609,7 +627,7 @@ static void* helper_main(void* arg) {
         }
         seen = now;
         atomic_fetch_add(&pool.active, 1);
-        if (atomic_load(&pool.open) && tid < pool.a->threads) work();
+        if (atomic_load(&pool.open) && tid < pool.threads) pool.job();
         atomic_fetch_sub(&pool.active, 1);
     }
     return NULL;
@@ -654,6 +672,35 @@ static int reserve(const swarmoe_moe_args* a) {
     return 0;
 }
 
+/* Helpers up to `threads` - 1 (fewer if the system refuses more); call with the lock held. */
+static void start_helpers(int64_t threads) {
+    while (pool.helpers < threads - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int made = pthread_create(&t, &attr, helper_main, (void*)(intptr_t)(pool.helpers + 1));
+        pthread_attr_destroy(&attr);
+        if (made) break;
+        pool.helpers++;
+    }
+}
+
+/* Runs `job` on the caller and the helpers until `last` is done, and returns once no helper is
+ * still inside it; call with the lock held and the job's phases started. */
+static void run_job(void (*job)(void), int64_t threads, phase_t* last) {
+    pool.job = job;
+    pool.threads = threads;
+    atomic_store(&pool.failed, 0);
+    atomic_store(&pool.open, 1);
+    atomic_fetch_add(&pool.generation, 1);
+    syscall(SYS_futex, &pool.generation, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+    job();
+    wait_done(last);
+    atomic_store(&pool.open, 0);
+    while (atomic_load(&pool.active)) _mm_pause();
+}
+
 static void start_phase(phase_t* ph, int64_t items) {
     atomic_store(&ph->next, 0);
     atomic_store(&ph->done, 0);
@@ -670,16 +717,7 @@ int swarmoe_moe(const swarmoe_moe_args* a) {
     pthread_mutex_lock(&pool.lock);
     int status = reserve(a);
     if (status == 0) {
-        while (pool.helpers < a->threads - 1) {
-            pthread_t t;
-            pthread_attr_t attr;
-            pthread_attr_init(&attr);
-            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-            const int made = pthread_create(&t, &attr, helper_main, (void*)(intptr_t)(pool.helpers + 1));
-            pthread_attr_destroy(&attr);
-            if (made) break;
-            pool.helpers++;
-        }
+        start_helpers(a->threads);
         pool.a = a;
         pool.routing = a->indices ? a->indices : pool.indices;
         if (a->dtype == BF16) {
@@ -695,14 +733,80 @@ int swarmoe_moe(const swarmoe_moe_args* a) {
         start_phase(&pool.up, 0); /* the plan sets how many up and down tasks */
         start_phase(&pool.down, 0);
         start_phase(&pool.combine, (a->tokens + COMBINE_TOKENS - 1) / COMBINE_TOKENS);
-        atomic_store(&pool.failed, 0);
-        atomic_store(&pool.open, 1);
-        atomic_fetch_add(&pool.generation, 1);
-        syscall(SYS_futex, &pool.generation, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
-        work();
-        wait_done(&pool.combine);
-        atomic_store(&pool.open, 0);
-        while (atomic_load(&pool.active)) _mm_pause();
+        run_job(work, a->threads, &pool.combine);
+        status = atomic_load(&pool.failed) ? -1 : 0;
+    }
+    pthread_mutex_unlock(&pool.lock);
+    return status;
+}
+
+/* ---- A dense linear layer over a few rows ----
+ *
+ * At decode a linear layer multiplies one or a few rows by a weight that comes cold from memory.
+ * The threads take runs of output rows in turn, each streaming its weight rows once, in memory
+ * order, for all the input rows. */
+
+/* Output rows n0..n0+rows-1 of item i: float32 in scratch, then with the bias, in dtype. */
+static void linear_item(int64_t i) {
+    const swarmoe_linear_args* l = pool.l;
+    const int64_t M = l->rows, K = l->in, N = l->out, n0 = i * pool.linear_rows;
+    const int64_t rows = N - n0 < pool.linear_rows ? N - n0 : pool.linear_rows, wsize = l->dtype == BF16 ? 2 : 4;
+    float* ys = scratch_floats(M * rows);
+    if (ys == NULL) {
+        atomic_store(&pool.failed, 1);
+        return;
+    }
+    matmul_wt(l->dtype, (const char*)l->w + n0 * K * wsize, rows, K, pool.linear_x, M, K, ys, rows);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t r = 0; r < rows; r++) {
+            float v = ys[m * rows + r];
+            if (l->bias) {
+                if (l->dtype == F32) {
+                    v += ((const float*)l->bias)[n0 + r];
+                } else {
+                    const uint32_t u = (uint32_t)((const uint16_t*)l->bias)[n0 + r] << 16;
+                    float b;
+                    memcpy(&b, &u, 4);
+                    v += b;
+                }
+            }
+            if (l->dtype == F32)
+                ((float*)l->y)[m * N + n0 + r] = v;
+            else
+                ((uint16_t*)l->y)[m * N + n0 + r] = to_bf16(v);
+        }
+}
+
+static void linear_work(void) { TAKE(linear, linear_item(i)); }
+
+/* Items per thread: enough that a thread that starts late still gets its share. */
+enum { LINEAR_ITEMS_PER_THREAD = 8 };
+
+/* One linear layer (see swarmoe_linear_args). Returns 0; -1 without memory; -2 for a bad shape. */
+int swarmoe_linear(const swarmoe_linear_args* l) {
+    if (l->threads < 1 || l->threads > MAX_THREADS || l->rows < 1 || l->in < 1 || l->out < 1) return -2;
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, watch_forks);
+    pthread_mutex_lock(&pool.lock);
+    int status = 0;
+    const int64_t xsize = x_size(l->dtype), bytes = l->rows * l->in * xsize;
+    pool.linear_x = l->x;
+    if (xsize != (l->dtype == BF16 ? 2 : 4)) {
+        if (bytes > pool.widened_bytes) {
+            pool.widened = grow(pool.widened, bytes);
+            pool.widened_bytes = pool.widened ? bytes : 0;
+        }
+        if (pool.widened == NULL) status = -1;
+        else widen_row(l->x, pool.widened, l->rows * l->in);
+        pool.linear_x = pool.widened;
+    }
+    if (status == 0) {
+        start_helpers(l->threads);
+        pool.l = l;
+        const int64_t parts = l->threads * LINEAR_ITEMS_PER_THREAD;
+        pool.linear_rows = (l->out + parts - 1) / parts;
+        start_phase(&pool.linear, (l->out + pool.linear_rows - 1) / pool.linear_rows);
+        run_job(linear_work, l->threads, &pool.linear);
         status = atomic_load(&pool.failed) ? -1 : 0;
     }
     pthread_mutex_unlock(&pool.lock);

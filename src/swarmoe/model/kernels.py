@@ -1,6 +1,7 @@
 """Native expert kernels (kernels.c): built with the system C compiler on first use, cached.
 
 The MoE dispatch uses them for CPU experts in float32 and bfloat16 when they are available, and
+so do the model's dense linear layers for decode-sized inputs (`model/linear.py`); both use
 PyTorch's kernels otherwise: no compiler, not x86-64 Linux, a CPU without AVX-512, or
 `SWARMOE_EXPERT_KERNELS=0`.
 The library is compiled for the machine it runs on (`-march=native`) into
@@ -46,8 +47,23 @@ class MoeArgs(ctypes.Structure):
     ]
 
 
+class LinearArgs(ctypes.Structure):
+    """`swarmoe_linear_args` of kernels.c: y [rows, out] = x [rows, in] @ w [out, in]^T (+ bias)."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("rows", "in_features", "out_features", "threads")),
+        ("dtype", ctypes.c_int32),
+        *((name, ctypes.c_void_p) for name in ("x", "weight", "bias", "y")),
+    ]
+
+
+# Most input rows the linear kernel takes: its weights stream one row at a time up to this many
+# (ROW_BY_ROW_MAX in kernels.c); larger batches are GEMMs that PyTorch's kernels do well.
+LINEAR_MAX_ROWS = 12
+
+
 class ExpertKernels:
-    """`swarmoe_experts` and `swarmoe_moe` of kernels.c, typed."""
+    """`swarmoe_experts`, `swarmoe_moe` and `swarmoe_linear` of kernels.c, typed."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.swarmoe_experts
@@ -58,6 +74,9 @@ class ExpertKernels:
         self._moe = lib.swarmoe_moe
         self._moe.argtypes = [ctypes.POINTER(MoeArgs)]
         self._moe.restype = ctypes.c_int
+        self._linear = lib.swarmoe_linear
+        self._linear.argtypes = [ctypes.POINTER(LinearArgs)]
+        self._linear.restype = ctypes.c_int
 
     def moe(self, args: MoeArgs) -> None:
         """One whole MoE layer; the tensors behind `args` must stay alive until it returns."""
@@ -66,6 +85,22 @@ class ExpertKernels:
             raise MemoryError("expert kernels: no memory for the layer's buffers")
         if status:
             raise ValueError("expert kernels: invalid MoE layer shape")
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """F.linear over x [..., in] of at most LINEAR_MAX_ROWS rows; x, weight and bias must be
+        contiguous CPU tensors of one supported dtype, with matching sizes (the caller checks)."""
+        rows = x.numel() // weight.shape[1]
+        y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+        args = LinearArgs(
+            rows, weight.shape[1], weight.shape[0], torch.get_num_threads(), DTYPES[x.dtype],
+            x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+        )
+        status = self._linear(ctypes.byref(args))
+        if status == -1:
+            raise MemoryError("linear kernel: no memory for its buffers")
+        if status:
+            raise ValueError(f"linear kernel: invalid shape {tuple(x.shape)} @ {tuple(weight.shape)}^T")
+        return y
 
     @staticmethod
     def supports(x: torch.Tensor) -> bool:

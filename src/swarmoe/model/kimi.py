@@ -12,6 +12,7 @@ from torch import nn
 
 from swarmoe.config import ModelConfig, TextConfig
 from swarmoe.model.attention import MLAttention, RMSNorm, RotaryEmbedding
+from swarmoe.model.linear import Linear
 from swarmoe.model.moe import MLP, MoE
 
 
@@ -86,7 +87,7 @@ class KimiForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = KimiTextModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

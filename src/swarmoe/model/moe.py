@@ -28,6 +28,7 @@ from torch import nn
 
 from swarmoe.config import TextConfig
 from swarmoe.model import kernels
+from swarmoe.model.linear import Linear
 
 
 class ExpertWeights(Protocol):
@@ -67,9 +68,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -404,7 +405,7 @@ def _shared_task(shared: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tenso
     plain = (
         type(shared) is MLP
         and not torch.is_grad_enabled()
-        and all(type(m) is nn.Linear and m.weight.dtype == x.dtype for m in shared.children())
+        and all(type(m) is Linear and m.weight.dtype == x.dtype for m in shared.children())
     )
     if not plain:
         return lambda: shared(x)
