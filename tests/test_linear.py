@@ -3,6 +3,9 @@ a whole model on it against transformers."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,3 +133,34 @@ def test_model_on_native_linears_matches_transformers(monkeypatch, native, tmp_p
             full = load_model(path, dtype=torch.float32)(ids)
             assert (got.float() - full).abs().mean() / full.abs().mean() < 0.06
     assert native and set(native) == {3}
+
+
+@needs_kernels
+def test_more_threads_than_the_kernels_take():
+    """torch may run more intra-op threads than one kernel call takes (64): calls use 64."""
+    code = """
+import torch, torch.nn.functional as F
+from swarmoe.config import TextConfig
+from swarmoe.model import kernels
+from swarmoe.model.linear import Linear
+from swarmoe.model.moe import MoE
+torch.set_num_threads(100)
+torch.manual_seed(0)
+lin = Linear(2048, 512)
+x = torch.randn(2, 2048)
+cfg = TextConfig(vocab_size=256, hidden_size=64, intermediate_size=256, moe_intermediate_size=32,
+                 num_hidden_layers=1, num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=8,
+                 qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=16, num_experts_per_tok=4)
+layer = MoE(cfg, layer_idx=0)
+for p in layer.parameters():
+    torch.nn.init.normal_(p, std=0.1)
+h = torch.randn(3, 64)
+with torch.inference_mode():
+    got, moe_got = lin(x), layer(h)
+    kernels.ENABLED = False
+    want, moe_want = F.linear(x, lin.weight, lin.bias), layer(h)
+assert (got - want).abs().max() <= 1e-5 * want.abs().max(), "linear"
+assert (moe_got - moe_want).abs().max() <= 1e-5 * moe_want.abs().max(), "moe"
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
