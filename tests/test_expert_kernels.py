@@ -19,8 +19,10 @@ import pytest
 import torch
 
 import swarmoe.model.moe as moe
+from reference import dequant_reference
 from swarmoe.config import TextConfig
 from swarmoe.model import kernels
+from swarmoe.model.quant import Int4Experts, quantize_int4
 
 
 def _can_build() -> bool:
@@ -252,3 +254,86 @@ def test_the_switch_turns_them_off():
     env = dict(os.environ, SWARMOE_EXPERT_KERNELS="0")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "None"
+
+
+# INT4 experts need sizes in groups of 32.
+ODD_INT4 = dict(ODD, hidden=96, inter=32)
+
+
+def int4_layers(spec: dict, dtype: torch.dtype, seed: int = 0) -> tuple[moe.MoE, torch.nn.Module]:
+    """`layers` with INT4 routed experts: swarmoe's packed (`Int4Experts`), transformers' the same
+    weights dequantised by compressed-tensors (tests/reference.py)."""
+    ours, ref = layers(spec, torch.float32, seed=seed)
+    e = spec["experts"]
+    packed = Int4Experts(e, spec["hidden"], spec["inter"])
+    with torch.no_grad():
+        for name, w in (("gate_up", ours.experts.gate_up), ("down", ours.experts.down)):
+            q, scale = quantize_int4(w)
+            getattr(packed, f"{name}_packed").copy_(q)
+            getattr(packed, f"{name}_scale").copy_(scale)
+            shape = torch.tensor(w.shape[1:])
+            getattr(ref.experts, f"{name}_proj").copy_(torch.stack([
+                dequant_reference({"weight_packed": q[j], "weight_scale": scale[j], "weight_shape": shape})
+                for j in range(e)
+            ]))
+    ours.experts = packed
+    for layer in (ours, ref):
+        layer.to(dtype)
+        layer.gate.float()
+    return ours, ref
+
+
+@needs_kernels
+@pytest.mark.parametrize("spec", [BASE, ODD_INT4], ids=["base", "odd"])
+@pytest.mark.parametrize("tokens", [1, 7, 45])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int4_layer_runs_packed_and_matches_transformers(calls, spec, tokens, threads):
+    ours, ref = int4_layers(spec, torch.float32, seed=tokens)
+    x = torch.randn(tokens, spec["hidden"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            got, want = ours(x), ref(x)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [tokens]
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_int4_layer_bfloat16(calls, tokens):
+    ours, ref = int4_layers(ODD_INT4, torch.bfloat16, seed=tokens)
+    x = torch.randn(tokens, ODD_INT4["hidden"]).bfloat16()
+    with torch.inference_mode():
+        got, want = ours(x), ref(x)
+        full = copy.deepcopy(ref).float()(x.float())
+    assert calls == [tokens] and got.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().max() <= 3e-2 * want.float().abs().max()
+    assert (got.float() - full).abs().max() <= 3e-2 * full.abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_layer_matches_the_pytorch_path(monkeypatch, calls, dtype):
+    ours, _ = int4_layers(ODD_INT4, dtype)
+    x = torch.randn(2, 11, ODD_INT4["hidden"]).to(dtype)
+    with torch.inference_mode():
+        fused = ours(x)
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        stock = ours(x)
+    assert calls == [22]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (fused.float() - stock.float()).abs().max() <= tol * stock.float().abs().max()
+
+
+@needs_kernels
+def test_int4_scales_in_another_dtype_take_the_pytorch_path(calls):
+    ours, ref = int4_layers(BASE, torch.float32)
+    ours.experts.gate_up_scale.data = ours.experts.gate_up_scale.data.bfloat16()
+    x = torch.randn(3, BASE["hidden"])
+    with torch.inference_mode():
+        got = ours(x)
+    assert calls == []
+    assert got.shape == x.shape

@@ -43,7 +43,8 @@ class MoeArgs(ctypes.Structure):
         ("norm_top_k", ctypes.c_int32),
         ("scaling", ctypes.c_float),
         *((name, ctypes.c_void_p) for name in (
-            "router", "bias", "gate_up", "down", "shared_gate", "shared_up", "shared_down", "x", "y", "indices")),
+            "router", "bias", "gate_up", "down", "shared_gate", "shared_up", "shared_down", "x", "y", "indices",
+            "gate_up_scale", "down_scale")),
     ]
 
 

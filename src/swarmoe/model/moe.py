@@ -29,6 +29,7 @@ from torch import nn
 from swarmoe.config import TextConfig
 from swarmoe.model import kernels
 from swarmoe.model.linear import Linear
+from swarmoe.model.quant import INT4_GROUP, Int4Experts
 
 
 class ExpertWeights(Protocol):
@@ -725,9 +726,12 @@ class MoE(nn.Module):
 def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
     """The whole layer over x [..., H] (routing, shared and routed experts, the weighted sum) in
     one call of the native kernels, or None where they do not apply: autograd, other devices or
-    dtypes, expert providers other than stacked full-precision weights, a custom router or shared
+    dtypes, expert providers other than stacked full-precision or INT4 weights, a custom router or shared
     module, batches large enough that the stock GEMMs do better, or shapes that do not fit (the
     PyTorch path then raises the usual error).
+
+    INT4 experts (`Int4Experts`, packed as K2.5 publishes them) run packed: the kernels
+    dequantise each weight in registers as it streams in.
 
     Written for a layer whose caches are cold (the layers before it evicted them): every
     Python step and distinct torch call here costs microseconds, so modules and parameters are
@@ -737,21 +741,30 @@ def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
         return None
     modules = layer._modules
     gate, experts, shared = modules["gate"], modules["experts"], modules.get("shared_experts")
-    if type(gate) is not Router or type(experts) is not DenseExperts:
+    if type(gate) is not Router:
         return None
-    params = experts._parameters
-    tensors = [params["gate_up"], params["down"]]
+    hidden = x.shape[-1]
+    if type(experts) is DenseExperts:
+        params = experts._parameters
+        tensors, scales = [params["gate_up"], params["down"]], None
+        e, inter2 = tensors[0].shape[:2]
+        if tensors[0].shape[2] != hidden or tensors[1].shape != (e, hidden, inter2 // 2):
+            return None
+    elif type(experts) is Int4Experts:
+        tensors, scales = _int4_tensors(experts, x)
+        if scales is None:
+            return None
+    else:
+        return None
     if shared is not None:
         if type(shared) is not MLP:
             return None
         tensors += [m._parameters["weight"] for m in shared._modules.values()]
     router, bias = gate._parameters["weight"], gate._buffers["e_score_correction_bias"]
-    hidden = x.shape[-1]
     n = x.numel() // hidden
     if (
         n * gate.top_k > KERNEL_MAX_ROWS * experts.num_experts
-        or any(t.dtype != x.dtype or not t.is_contiguous() for t in tensors)
-        or tensors[0].shape[2] != hidden
+        or any(t.dtype != x.dtype or not t.is_contiguous() for t in tensors[2 if scales else 0:])
         or router.dtype != torch.float32
         or bias.dtype != torch.float32
         or router.shape != (experts.num_experts, hidden)
@@ -770,10 +783,32 @@ def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
         router.data_ptr(), bias.data_ptr(), tensors[0].data_ptr(), tensors[1].data_ptr(),
         *([t.data_ptr() for t in tensors[2:]] if shared is not None else (None, None, None)),
         x.data_ptr(), y.data_ptr(), indices.data_ptr() if hooks else None,
+        *((scales[0].data_ptr(), scales[1].data_ptr()) if scales else (None, None)),
     ))
     for hook in hooks:
         hook(layer.layer_idx, indices)
     return y
+
+
+def _int4_tensors(experts: Int4Experts, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """([gate_up, down] packed, [their scales]) of INT4 experts as the kernels take them, or no
+    scales where they do not fit x (shapes, dtypes, layout)."""
+    buffers = experts._buffers
+    packed = [buffers["gate_up_packed"], buffers["down_packed"]]
+    scales = [buffers["gate_up_scale"], buffers["down_scale"]]
+    e, hidden = experts.num_experts, x.shape[-1]
+    inter = packed[0].shape[1] // 2
+    fits = (
+        hidden % INT4_GROUP == 0
+        and inter % INT4_GROUP == 0
+        and packed[0].shape == (e, 2 * inter, hidden // 8)
+        and packed[1].shape == (e, hidden, inter // 8)
+        and scales[0].shape == (e, 2 * inter, hidden // INT4_GROUP)
+        and scales[1].shape == (e, hidden, inter // INT4_GROUP)
+        and all(t.dtype == torch.int32 and t.is_contiguous() for t in packed)
+        and all(t.dtype == x.dtype and t.is_contiguous() for t in scales)
+    )
+    return packed, scales if fits else None
 
 
 @dataclass
