@@ -16,8 +16,13 @@ measured apart, before and after the timed calls: one NumPy sum per thread over 
 layer would show over 100%; the probe's threads are not used as the flush because the calls
 timed right after them ran up to 1.7x slower, every implementation alike.)
 
-    .venv/bin/python benchmarks/moe_layer.py                 # full run, ~10 minutes on 2 cores
+With `--int4`, swarmoe's routed experts are INT4 as K2.5 ships them (packed, group 32, run packed)
+and the peer's hold the same values dequantised to the dtype (what the peer loads); GB/s then
+counts the packed bytes and scales swarmoe reads.
+
+    .venv/bin/python benchmarks/moe_layer.py                 # full run, ~3 minutes on 2 cores
     .venv/bin/python benchmarks/moe_layer.py --tokens 1,8 --dtypes bf16 --repeats 9
+    .venv/bin/python benchmarks/moe_layer.py --int4
 
 OMP_WAIT_POLICY defaults to PASSIVE here (see below). Prints a table and one JSON line, also appended to benchmarks/results/moe_layer.jsonl.
 """
@@ -49,6 +54,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from record import report  # noqa: E402
 from swarmoe.config import TextConfig  # noqa: E402
 from swarmoe.model.moe import MoE  # noqa: E402
+from swarmoe.model.quant import Int4Experts, dequant_int4, quantize_int4  # noqa: E402
 
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -110,6 +116,21 @@ def share_experts(ours: MoE, ref: torch.nn.Module) -> None:
     ref.experts.down_proj = ours.experts.down
 
 
+def pack_int4(ours: MoE, dtype: torch.dtype) -> None:
+    """ours' routed experts as K2.5 publishes them (INT4, group 32), kept packed; transformers'
+    are set to the same values, dequantised, in `dtype` (what a user of the peer would load)."""
+    dense = ours.experts
+    packed = Int4Experts(dense.num_experts, *dense.down.shape[1:])
+    with torch.no_grad():
+        for name in ("gate_up", "down"):
+            q, scale = quantize_int4(getattr(dense, name).float())
+            getattr(packed, f"{name}_packed").copy_(q)
+            getattr(packed, f"{name}_scale").copy_(scale)
+            getattr(dense, name).data = dequant_int4(q, scale, torch.float32).to(dtype)
+        packed.to(dtype)
+    ours.experts = packed
+
+
 def to_dtype(ours: MoE, ref: torch.nn.Module, dtype: torch.dtype) -> None:
     """Experts and shared expert in `dtype`; both routers stay float32, as the reference keeps them."""
     with torch.no_grad():
@@ -130,10 +151,14 @@ def call(impl: str, ours: MoE, ref: torch.nn.Module, x: torch.Tensor) -> torch.T
 def expert_bytes(ours: MoE, x: torch.Tensor, dtype: torch.dtype) -> int:
     """Bytes of the distinct routed experts this input routes to, plus the shared expert."""
     idx, _ = ours.gate(x.reshape(-1, x.shape[-1]))
-    per_expert = ours.experts.gate_up[0].numel() + ours.experts.down[0].numel()
-    shared = sum(p.numel() for p in ours.shared_experts.parameters())
     elt = torch.empty((), dtype=dtype).element_size()
-    return (int(idx.unique().numel()) * per_expert + shared) * elt
+    ex = ours.experts
+    if isinstance(ex, Int4Experts):  # packed words and their scales
+        per_expert = sum(t[0].numel() * t.element_size() for t in ex.buffers())
+    else:
+        per_expert = (ex.gate_up[0].numel() + ex.down[0].numel()) * elt
+    shared = sum(p.numel() for p in ours.shared_experts.parameters()) * elt
+    return int(idx.unique().numel()) * per_expert + shared
 
 
 def gathered_gib(tokens: int, args: argparse.Namespace, dtype: torch.dtype) -> float:
@@ -160,6 +185,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=20.0, help="seconds per implementation and size, caps repeats")
     p.add_argument("--max-gather-gib", type=float, default=3.0, help="skip batched_mm above this gather size")
     p.add_argument("--no-flush", action="store_true", help="time warm calls (no cache flush before each)")
+    p.add_argument("--int4", action="store_true",
+                   help="swarmoe's routed experts INT4 (packed, as K2.5 ships them); the peer's the same values dequantised")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe_layer.jsonl"))
     args = p.parse_args()
 
@@ -182,9 +209,13 @@ def main() -> None:
     ours, ref = build(args)
     rows = []
     with torch.inference_mode():
+        dense = ours.experts
         for dname in args.dtypes.split(","):
             dtype = DTYPES[dname]
+            ours.experts = dense
             to_dtype(ours, ref, dtype)
+            if args.int4:
+                pack_int4(ours, dtype)
             for tokens in sizes:
                 active = [
                     m for m in impls
@@ -250,6 +281,7 @@ def main() -> None:
         "threads": args.threads,
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "flush": not args.no_flush,
+        "int4": args.int4,
         "read_gbps": round(bw, 2),
         "flush_read_gbps": round(median(read_gbps), 2),
         "loadavg_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
