@@ -176,6 +176,19 @@ static void int4_order(const float* src, float* dst, int64_t K) {
     for (int64_t i = 0; i < K; i++) dst[int4_position(i)] = src[i];
 }
 
+/* The 32 weights of 16 packed bytes b with scale sc, as float32: evens, then odds. */
+static inline void int4_block(const uint8_t* b16, float sc, __m512* even, __m512* odd) {
+    const __m128i b = _mm_loadu_si128((const __m128i*)b16), low = _mm_set1_epi8(0x0f);
+    const __m512 scale = _mm512_set1_ps(sc), shift = _mm512_set1_ps(-8.0f * sc);
+    *even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low))), scale, shift);
+    *odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low))), scale,
+                           shift);
+}
+
+static inline float int4_scale(int dtype, const void* s, int64_t g) {
+    return dtype == BF16 ? bf16_value(((const uint16_t*)s)[g]) : ((const float*)s)[g];
+}
+
 /* y[m * ldy] = one INT4 weight row (packed w, scales s in dtype) against MT activation rows in
  * INT4 order (row stride ldx). Evens and odds keep accumulators of their own. */
 #define INT4_TILE(MT)                                                                              \
@@ -183,15 +196,9 @@ static void int4_order(const float* src, float* dst, int64_t K) {
                           int64_t ldx, float* y, int64_t ldy) {                                    \
         __m512 even_acc[MT], odd_acc[MT];                                                          \
         _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++) even_acc[m] = odd_acc[m] = _mm512_setzero_ps(); \
-        const __m128i low = _mm_set1_epi8(0x0f);                                                   \
         for (int64_t k = 0; k < K; k += 32) {                                                      \
-            const __m128i b = _mm_loadu_si128((const __m128i*)(w + k / 2));                        \
-            const float sc = dtype == BF16 ? bf16_value(((const uint16_t*)s)[k / 32]) : ((const float*)s)[k / 32]; \
-            const __m512 scale = _mm512_set1_ps(sc), shift = _mm512_set1_ps(-8.0f * sc);            \
-            const __m512 even = _mm512_fmadd_ps(                                                   \
-                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low))), scale, shift);     \
-            const __m512 odd = _mm512_fmadd_ps(                                                    \
-                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low))), scale, shift); \
+            __m512 even, odd;                                                                      \
+            int4_block(w + k / 2, int4_scale(dtype, s, k / 32), &even, &odd);                      \
             _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++) {                                 \
                 even_acc[m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x + m * ldx + k), even_acc[m]); \
                 odd_acc[m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + m * ldx + k + 16), odd_acc[m]); \
@@ -205,11 +212,41 @@ typedef void (*int4_fn)(int, const uint8_t*, const void*, int64_t, const float*,
 INT4_TILE(1) INT4_TILE(2) INT4_TILE(3) INT4_TILE(4) INT4_TILE(5) INT4_TILE(6)
 static const int4_fn int4_tiles[7] = {0, int4_1, int4_2, int4_3, int4_4, int4_5, int4_6};
 
+/* Per-thread room for four dequantised weight rows (more activation rows than one tile takes). */
+static __thread float* dequantised;
+static __thread int64_t dequantised_size;
+
 /* y[M, N] (row stride ldy) = x[M, K] (INT4 order, row stride ldx) @ w[N, K]^T for INT4 rows w
- * with scales s (dtype, [N, K/32]); each weight row is read once, in memory order. */
+ * with scales s (dtype, [N, K/32]); each weight row is read once, in memory order. Up to one
+ * tile of activation rows, weights are dequantised in registers; beyond, four rows at a time into
+ * a buffer that stays in L1 for every tile of activation rows. */
 static void matmul_int4(int dtype, const void* w, const void* s, int64_t N, int64_t K, const float* x, int64_t M,
                         int64_t ldx, float* y, int64_t ldy) {
     const int64_t ssize = dtype == BF16 ? 2 : 4;
+    if (M > MAX_TILE_ROWS && 4 * K > dequantised_size) {
+        free(dequantised);
+        dequantised = aligned_alloc(64, 4 * K * sizeof(float));
+        dequantised_size = dequantised ? 4 * K : 0;
+    }
+    if (M > MAX_TILE_ROWS && dequantised) {
+        for (int64_t n = 0; n < N;) {
+            const int64_t four = N - n >= 4, rows = four ? 4 : 1;
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t k = 0; k < K; k += 32) {
+                    __m512 even, odd;
+                    int4_block((const uint8_t*)w + (n + r) * K / 2 + k / 2,
+                               int4_scale(dtype, (const char*)s + (n + r) * (K / 32) * ssize, k / 32), &even, &odd);
+                    _mm512_storeu_ps(dequantised + r * K + k, even);
+                    _mm512_storeu_ps(dequantised + r * K + k + 16, odd);
+                }
+            for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
+                const int64_t tile = M - m < MAX_TILE_ROWS ? M - m : MAX_TILE_ROWS;
+                f32_tiles[four][tile](dequantised, K, x + m * ldx, ldx, y + m * ldy + n, ldy);
+            }
+            n += rows;
+        }
+        return;
+    }
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
             const int64_t rows = M - m < MAX_TILE_ROWS ? M - m : MAX_TILE_ROWS;
