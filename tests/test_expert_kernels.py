@@ -337,3 +337,48 @@ def test_int4_scales_in_another_dtype_take_the_pytorch_path(calls):
         got = ours(x)
     assert calls == []
     assert got.shape == x.shape
+
+
+@pytest.fixture
+def packed_calls(monkeypatch):
+    """Counts expert-kernel calls on the worker path that ran packed INT4 weights."""
+    seen = []
+    real = kernels.ExpertKernels.experts
+
+    def counted(self, *args, scales=None, **kwargs):
+        seen.append(scales is not None)
+        return real(self, *args, scales=scales, **kwargs)
+
+    monkeypatch.setattr(kernels.ExpertKernels, "experts", counted)
+    return seen
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_int4_experts_on_the_worker_path_run_packed(monkeypatch, packed_calls, dtype, tokens):
+    """Where the one-call layer does not apply, INT4 experts still run packed, expert by expert."""
+    ours, ref = int4_layers(ODD_INT4, dtype, seed=tokens)
+    monkeypatch.setattr(moe, "_moe_fused", lambda layer, x: None)
+    x = torch.randn(tokens, ODD_INT4["hidden"]).to(dtype)
+    with torch.inference_mode():
+        got, want = ours(x), ref(x)
+        routed = ours.gate(x)[0].unique().numel()
+    assert sum(packed_calls) == routed  # every routed expert ran packed (the shared one is dense)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+
+
+@needs_kernels
+def test_expert_budget_runs_cached_int4_experts_packed(tmp_path, packed_calls):
+    from swarmoe import LLM, SamplingParams
+    from swarmoe.testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "int4", int4=True, seed=7)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    batch = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (6, 17)]
+    resident = [o.outputs[0].token_ids for o in LLM(path).generate(batch, greedy)]
+    budget = LLM(path, expert_memory_gb=4e-4)
+    assert [o.outputs[0].token_ids for o in budget.generate(batch, greedy)] == resident
+    assert sum(packed_calls) > 0
+    assert budget.stats()["expert_misses"] > 0

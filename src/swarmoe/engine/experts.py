@@ -215,6 +215,14 @@ class OffloadedExperts(nn.Module):
             for key, projs in groups for part in _PARTS[self.kind]
         }
 
+    def int4(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Expert e as the checkpoint packs it (gate_up, its scales, down, its scales), for kernels
+        that run INT4 packed; None for other formats."""
+        if self.kind != "int4":
+            return None
+        raw = self.cache.get((self.prefix, e), lambda: self._load(e))
+        return tuple(raw[f"{key}.{part}"] for key in ("gate_up", "down") for part in ("weight_packed", "weight_scale"))
+
     def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         raw = self.cache.get((self.prefix, e), lambda: self._load(e))
 

@@ -189,16 +189,16 @@ static inline float int4_scale(int dtype, const void* s, int64_t g) {
     return dtype == BF16 ? bf16_value(((const uint16_t*)s)[g]) : ((const float*)s)[g];
 }
 
-/* y[m * ldy] = one INT4 weight row (packed w, scales s in dtype) against MT activation rows in
+/* y[m * ldy] = one INT4 weight row (packed w, scales s in sdtype) against MT activation rows in
  * INT4 order (row stride ldx). Evens and odds keep accumulators of their own. */
 #define INT4_TILE(MT)                                                                              \
-    static void int4_##MT(int dtype, const uint8_t* w, const void* s, int64_t K, const float* x,  \
+    static void int4_##MT(int sdtype, const uint8_t* w, const void* s, int64_t K, const float* x, \
                           int64_t ldx, float* y, int64_t ldy) {                                    \
         __m512 even_acc[MT], odd_acc[MT];                                                          \
         _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++) even_acc[m] = odd_acc[m] = _mm512_setzero_ps(); \
         for (int64_t k = 0; k < K; k += 32) {                                                      \
             __m512 even, odd;                                                                      \
-            int4_block(w + k / 2, int4_scale(dtype, s, k / 32), &even, &odd);                      \
+            int4_block(w + k / 2, int4_scale(sdtype, s, k / 32), &even, &odd);                     \
             _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++) {                                 \
                 even_acc[m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x + m * ldx + k), even_acc[m]); \
                 odd_acc[m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + m * ldx + k + 16), odd_acc[m]); \
@@ -217,12 +217,12 @@ static __thread float* dequantised;
 static __thread int64_t dequantised_size;
 
 /* y[M, N] (row stride ldy) = x[M, K] (INT4 order, row stride ldx) @ w[N, K]^T for INT4 rows w
- * with scales s (dtype, [N, K/32]); each weight row is read once, in memory order. Up to one
+ * with scales s (sdtype, [N, K/32]); each weight row is read once, in memory order. Up to one
  * tile of activation rows, weights are dequantised in registers; beyond, four rows at a time into
  * a buffer that stays in L1 for every tile of activation rows. */
-static void matmul_int4(int dtype, const void* w, const void* s, int64_t N, int64_t K, const float* x, int64_t M,
+static void matmul_int4(int sdtype, const void* w, const void* s, int64_t N, int64_t K, const float* x, int64_t M,
                         int64_t ldx, float* y, int64_t ldy) {
-    const int64_t ssize = dtype == BF16 ? 2 : 4;
+    const int64_t ssize = sdtype == BF16 ? 2 : 4;
     if (M > MAX_TILE_ROWS && 4 * K > dequantised_size) {
         free(dequantised);
         dequantised = aligned_alloc(64, 4 * K * sizeof(float));
@@ -235,7 +235,7 @@ static void matmul_int4(int dtype, const void* w, const void* s, int64_t N, int6
                 for (int64_t k = 0; k < K; k += 32) {
                     __m512 even, odd;
                     int4_block((const uint8_t*)w + (n + r) * K / 2 + k / 2,
-                               int4_scale(dtype, (const char*)s + (n + r) * (K / 32) * ssize, k / 32), &even, &odd);
+                               int4_scale(sdtype, (const char*)s + (n + r) * (K / 32) * ssize, k / 32), &even, &odd);
                     _mm512_storeu_ps(dequantised + r * K + k, even);
                     _mm512_storeu_ps(dequantised + r * K + k + 16, odd);
                 }
@@ -250,7 +250,7 @@ static void matmul_int4(int dtype, const void* w, const void* s, int64_t N, int6
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
             const int64_t rows = M - m < MAX_TILE_ROWS ? M - m : MAX_TILE_ROWS;
-            int4_tiles[rows](dtype, (const uint8_t*)w + n * K / 2, (const char*)s + n * (K / 32) * ssize, K,
+            int4_tiles[rows](sdtype, (const uint8_t*)w + n * K / 2, (const char*)s + n * (K / 32) * ssize, K,
                              x + m * ldx, ldx, y + m * ldy + n, ldy);
         }
 }
@@ -374,29 +374,65 @@ static void expert_rows(int dtype, const void* gate, const void* up, const void*
     matmul_wt(dtype, down, H, I, act, M, I, s.ys, H);
 }
 
+/* The same for packed INT4 weights (gs, us, ds: their scales, in sdtype): activations float32 in
+ * INT4 order, the SwiGLU product scattered into that order for the down projection. s.ys doubles
+ * as room for widening the input rows. */
+static void expert_rows_int4(int dtype, int sdtype, const void* x, const int64_t* rows, const void* gate, const void* gs,
+                             const void* up, const void* us, const void* down, const void* ds, int64_t M, int64_t H,
+                             int64_t I, expert_scratch s) {
+    float* xs = s.xs;
+    for (int64_t m = 0; m < M; m++) {
+        const float* row = (const float*)x + rows[m] * H;
+        if (dtype == BF16) {
+            widen_row((const uint16_t*)x + rows[m] * H, s.ys + m * H, H);
+            row = s.ys + m * H;
+        }
+        int4_order(row, xs + m * H, H);
+    }
+    matmul_int4(sdtype, gate, gs, I, H, xs, M, H, s.hg, I);
+    matmul_int4(sdtype, up, us, I, H, xs, M, H, s.hu, I);
+    float* act = s.act;
+    for (int64_t m = 0; m < M; m++) {
+        silu_mul(s.hg + m * I, s.hu + m * I, I);
+        for (int64_t i = 0; i < I; i++) act[m * I + int4_position(i)] = s.hg[m * I + i];
+    }
+    matmul_int4(sdtype, down, ds, H, I, act, M, I, s.ys, H);
+}
+
 /* Runs experts first..last-1 of a dispatch. Expert j owns pairs ends[j-1]..ends[j]-1 of `pairs`
  * (ends[-1] = 0); pair p is row p of `out` and reads row p / k of `x`, scaled by weights[p].
  * With pairs == NULL (the shared experts) expert j reads and writes rows ends[j-1]..ends[j]-1
  * directly, unscaled. gate/up/down hold the weight addresses of experts first..last-1 (their
- * [0] is expert `first`'s). Returns 0, or -1 when scratch memory could not be allocated. */
+ * [0] is expert `first`'s); with scales != NULL they are packed INT4 and scales holds three
+ * more such arrays (gate, up, down scales, in sdtype). Returns 0, or -1 when scratch memory
+ * could not be allocated. */
 int swarmoe_experts(int64_t first, int64_t last, const int64_t* gate, const int64_t* up, const int64_t* down,
                     const int64_t* ends, const int64_t* pairs, int64_t k, const float* weights, const void* x,
-                    void* out, int64_t H, int64_t I, int dtype) {
+                    void* out, int64_t H, int64_t I, int dtype, const int64_t* const* scales, int sdtype) {
     int64_t most = 0;
     for (int64_t j = first; j < last; j++) {
         const int64_t rows = ends[j] - (j ? ends[j - 1] : 0);
         most = rows > most ? rows : most;
     }
-    float* base = scratch_floats(expert_scratch_floats(most, H, I));
+    /* the scratch of the largest expert, then its rows' indices (int64, two floats each) */
+    const int64_t floats = (expert_scratch_floats(most, H, I) + 1) & ~(int64_t)1;
+    float* base = scratch_floats(floats + 2 * most);
     if (base == NULL && most) return -1;
+    int64_t* rows = (int64_t*)(base + floats);
     for (int64_t j = first; j < last; j++) {
         const int64_t begin = j ? ends[j - 1] : 0, M = ends[j] - begin;
         if (M == 0) continue;
         expert_scratch s = expert_scratch_at(base, M, H, I);
-        for (int64_t m = 0; m < M; m++)
-            load_row(dtype, x, pairs ? pairs[begin + m] / k : begin + m, H, (char*)s.xs + m * H * x_size(dtype));
-        expert_rows(dtype, (const void*)gate[j - first], (const void*)up[j - first], (const void*)down[j - first],
-                    M, H, I, s);
+        for (int64_t m = 0; m < M; m++) rows[m] = pairs ? pairs[begin + m] / k : begin + m;
+        if (scales) {
+            const int64_t i = j - first;
+            expert_rows_int4(dtype, sdtype, x, rows, (const void*)gate[i], (const void*)scales[0][i], (const void*)up[i],
+                             (const void*)scales[1][i], (const void*)down[i], (const void*)scales[2][i], M, H, I, s);
+        } else {
+            for (int64_t m = 0; m < M; m++) load_row(dtype, x, rows[m], H, (char*)s.xs + m * H * x_size(dtype));
+            expert_rows(dtype, (const void*)gate[j - first], (const void*)up[j - first], (const void*)down[j - first],
+                        M, H, I, s);
+        }
         for (int64_t m = 0; m < M; m++) {
             const int64_t p = pairs ? pairs[begin + m] : begin + m;
             store_row(dtype, s.ys + m * H, pairs && weights ? weights[p] : 1.0f, out, p, H);

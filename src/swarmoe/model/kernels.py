@@ -76,7 +76,7 @@ class ExpertKernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.swarmoe_experts
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+        fn.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
         fn.restype = ctypes.c_int
         self._experts = fn
         self._moe = lib.swarmoe_moe
@@ -129,12 +129,17 @@ class ExpertKernels:
         x: torch.Tensor,
         out: torch.Tensor,
         inter: int,
+        scales: int | None = None,
+        scale_dtype: torch.dtype | None = None,
     ) -> None:
         """Experts first..last-1 of a dispatch (see `swarmoe_experts` in kernels.c); gate, up and
         down are addresses of int64 arrays of those experts' weight addresses, ends and pairs of
-        int64 arrays over the whole dispatch, weights of its float32 routing weights."""
+        int64 arrays over the whole dispatch, weights of its float32 routing weights. For packed
+        INT4 experts, scales is the address of three such arrays of their scales' addresses
+        (gate, up, down), in `scale_dtype`."""
         status = self._experts(first, last, gate, up, down, ends, pairs, k, weights, x.data_ptr(), out.data_ptr(),
-                               x.shape[-1], inter, DTYPES[x.dtype])
+                               x.shape[-1], inter, DTYPES[x.dtype], scales,
+                               DTYPES[scale_dtype] if scale_dtype is not None else 0)
         if status:
             raise MemoryError("expert kernels: no memory for the scratch rows")
 

@@ -282,8 +282,13 @@ class _Plan:
             ]
             return
 
+        packed_of = getattr(experts, "int4", None)
+
         def run(first: int, last: int) -> None:
             for j in range(first, last):
+                packed = packed_of(ids[j]) if packed_of is not None else None
+                if packed is not None and _run_int4(kern, j, packed, x, common):
+                    continue
                 gate_up, down = _expert_weights(ids[j], x.dtype, experts, None, lock)
                 gate_up, down = gate_up.contiguous(), down.contiguous()
                 if gate_up.shape[1] != x.shape[1]:
@@ -381,6 +386,33 @@ def _moe_on_workers(layer: MoE, x: torch.Tensor, threads: int) -> torch.Tensor:
     # waits for a helper only when that helper is already computing the other router half.
     _run_on_workers([lead] + [lambda j=j: helper(j == 0) for j in range(threads - 1)], threads)
     return plan[0].finish(shared_out)
+
+
+def _run_int4(kern: kernels.ExpertKernels, j: int, packed: tuple[torch.Tensor, ...], x: torch.Tensor,
+              common: tuple) -> bool:
+    """Expert j of a plan from its packed INT4 weights (gate_up, scales, down, scales), without
+    dequantising them; False, having run nothing, where they are not laid out as the kernels read."""
+    gate_up, gate_up_scale, down, down_scale = packed
+    hidden, inter = x.shape[1], gate_up.shape[0] // 2
+    if not (
+        hidden % INT4_GROUP == 0 and inter % INT4_GROUP == 0 and inter > 0
+        and gate_up.shape == (2 * inter, hidden // 8) and down.shape == (hidden, inter // 8)
+        and gate_up_scale.shape == (2 * inter, hidden // INT4_GROUP)
+        and down_scale.shape == (hidden, inter // INT4_GROUP)
+        and gate_up.dtype == down.dtype == torch.int32
+        and gate_up_scale.dtype == down_scale.dtype and gate_up_scale.dtype in kernels.DTYPES
+        and all(t.is_cpu and t.is_contiguous() for t in packed)
+    ):
+        return False
+    gate, size = gate_up.data_ptr(), gate_up_scale.element_size()
+    gate_scale = gate_up_scale.data_ptr()
+    at = kernels.int64s([gate, gate + inter * (hidden // 8) * 4, down.data_ptr(),
+                         gate_scale, gate_scale + inter * (hidden // INT4_GROUP) * size, down_scale.data_ptr()])
+    base = kernels.address(at)
+    scales = kernels.int64s([base + 24, base + 32, base + 40])
+    kern.experts(j, j + 1, base, base + 8, base + 16, *common, inter,
+                 scales=kernels.address(scales), scale_dtype=gate_up_scale.dtype)
+    return True
 
 
 def _partition(ends: list[int], parts: int) -> list[tuple[int, int]]:

@@ -86,6 +86,10 @@ class Int4Experts(nn.Module):
 
     thread_safe = True  # expert() only reads: dispatch may call it from several threads
 
+    def int4(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert e packed (gate_up, its scales, down, its scales), for kernels that run it so."""
+        return self.gate_up_packed[e], self.gate_up_scale[e], self.down_packed[e], self.down_scale[e]
+
     def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return (
             dequant_int4(self.gate_up_packed[e], self.gate_up_scale[e], dtype),
