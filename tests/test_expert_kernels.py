@@ -1,6 +1,7 @@
 """The native MoE kernels (model/kernels.c): the whole-layer call against transformers'
-DeepseekV3MoE, against swarmoe's PyTorch path, and how it behaves around threads, forks and
-builds that fail."""
+DeepseekV3MoE (experts in the model's dtype, or INT4 run packed against compressed-tensors'
+dequantisation), against swarmoe's PyTorch path, INT4 experts on the worker path and from the
+engine's expert cache, and how the kernels behave around threads, forks and builds that fail."""
 
 from __future__ import annotations
 
@@ -75,6 +76,40 @@ def layers(spec: dict, dtype: torch.dtype, seed: int = 0) -> tuple[moe.MoE, torc
     return ours.eval(), ref.eval()
 
 
+# INT4 experts need sizes in groups of 32.
+ODD_INT4 = dict(ODD, hidden=96, inter=32)
+
+
+def int4_layers(spec: dict, dtype: torch.dtype, seed: int = 0) -> tuple[moe.MoE, torch.nn.Module]:
+    """`layers` with INT4 routed experts: swarmoe's packed (`Int4Experts`), transformers' the same
+    weights dequantised by compressed-tensors (tests/reference.py)."""
+    ours, ref = layers(spec, torch.float32, seed=seed)
+    e = spec["experts"]
+    packed = Int4Experts(e, spec["hidden"], spec["inter"])
+    with torch.no_grad():
+        for name, w in (("gate_up", ours.experts.gate_up), ("down", ours.experts.down)):
+            q, scale = quantize_int4(w)
+            getattr(packed, f"{name}_packed").copy_(q)
+            getattr(packed, f"{name}_scale").copy_(scale)
+            shape = torch.tensor(w.shape[1:])
+            getattr(ref.experts, f"{name}_proj").copy_(torch.stack([
+                dequant_reference({"weight_packed": q[j], "weight_scale": scale[j], "weight_shape": shape})
+                for j in range(e)
+            ]))
+    ours.experts = packed
+    for layer in (ours, ref):
+        layer.to(dtype)
+        layer.gate.float()
+    return ours, ref
+
+
+# Layers the whole-layer tests run: experts in the model's dtype, or INT4 run packed.
+BUILDS = {
+    "base": (layers, BASE), "odd": (layers, ODD), "no-shared": (layers, NO_SHARED),
+    "int4-base": (int4_layers, BASE), "int4-odd": (int4_layers, ODD_INT4),
+}
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Counts whole-layer kernel calls, so a test knows the fused path ran."""
@@ -96,11 +131,12 @@ def test_kernels_build_here():
 
 
 @needs_kernels
-@pytest.mark.parametrize("spec", [BASE, ODD, NO_SHARED], ids=["base", "odd", "no-shared"])
+@pytest.mark.parametrize("build", list(BUILDS))
 @pytest.mark.parametrize("tokens", [1, 7, 45, 100])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_layer_matches_transformers_float32(calls, spec, tokens, threads):
-    ours, ref = layers(spec, torch.float32, seed=tokens)
+def test_layer_matches_transformers_float32(calls, build, tokens, threads):
+    make, spec = BUILDS[build]
+    ours, ref = make(spec, torch.float32, seed=tokens)
     x = torch.randn(tokens, spec["hidden"])
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -114,10 +150,11 @@ def test_layer_matches_transformers_float32(calls, spec, tokens, threads):
 
 
 @needs_kernels
-@pytest.mark.parametrize("spec", [BASE, ODD], ids=["base", "odd"])
+@pytest.mark.parametrize("build", ["base", "odd", "int4-odd"])
 @pytest.mark.parametrize("tokens", [1, 9, 70])
-def test_layer_matches_transformers_bfloat16(calls, spec, tokens):
-    ours, ref = layers(spec, torch.bfloat16, seed=tokens)
+def test_layer_matches_transformers_bfloat16(calls, build, tokens):
+    make, spec = BUILDS[build]
+    ours, ref = make(spec, torch.bfloat16, seed=tokens)
     x = torch.randn(tokens, spec["hidden"]).bfloat16()
     with torch.inference_mode():
         got, want = ours(x), ref(x)
@@ -130,10 +167,12 @@ def test_layer_matches_transformers_bfloat16(calls, spec, tokens):
 
 
 @needs_kernels
+@pytest.mark.parametrize("build", ["odd", "int4-odd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_matches_the_pytorch_path(monkeypatch, calls, dtype):
-    ours, _ = layers(ODD, dtype)
-    x = torch.randn(2, 11, ODD["hidden"]).to(dtype)
+def test_layer_matches_the_pytorch_path(monkeypatch, calls, build, dtype):
+    make, spec = BUILDS[build]
+    ours, _ = make(spec, dtype)
+    x = torch.randn(2, 11, spec["hidden"]).to(dtype)
     with torch.inference_mode():
         fused = ours(x)
         monkeypatch.setattr(kernels, "ENABLED", False)
@@ -254,78 +293,6 @@ def test_the_switch_turns_them_off():
     env = dict(os.environ, SWARMOE_EXPERT_KERNELS="0")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "None"
-
-
-# INT4 experts need sizes in groups of 32.
-ODD_INT4 = dict(ODD, hidden=96, inter=32)
-
-
-def int4_layers(spec: dict, dtype: torch.dtype, seed: int = 0) -> tuple[moe.MoE, torch.nn.Module]:
-    """`layers` with INT4 routed experts: swarmoe's packed (`Int4Experts`), transformers' the same
-    weights dequantised by compressed-tensors (tests/reference.py)."""
-    ours, ref = layers(spec, torch.float32, seed=seed)
-    e = spec["experts"]
-    packed = Int4Experts(e, spec["hidden"], spec["inter"])
-    with torch.no_grad():
-        for name, w in (("gate_up", ours.experts.gate_up), ("down", ours.experts.down)):
-            q, scale = quantize_int4(w)
-            getattr(packed, f"{name}_packed").copy_(q)
-            getattr(packed, f"{name}_scale").copy_(scale)
-            shape = torch.tensor(w.shape[1:])
-            getattr(ref.experts, f"{name}_proj").copy_(torch.stack([
-                dequant_reference({"weight_packed": q[j], "weight_scale": scale[j], "weight_shape": shape})
-                for j in range(e)
-            ]))
-    ours.experts = packed
-    for layer in (ours, ref):
-        layer.to(dtype)
-        layer.gate.float()
-    return ours, ref
-
-
-@needs_kernels
-@pytest.mark.parametrize("spec", [BASE, ODD_INT4], ids=["base", "odd"])
-@pytest.mark.parametrize("tokens", [1, 7, 45])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_int4_layer_runs_packed_and_matches_transformers(calls, spec, tokens, threads):
-    ours, ref = int4_layers(spec, torch.float32, seed=tokens)
-    x = torch.randn(tokens, spec["hidden"])
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            got, want = ours(x), ref(x)
-    finally:
-        torch.set_num_threads(before)
-    assert calls == [tokens]
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
-
-
-@needs_kernels
-@pytest.mark.parametrize("tokens", [1, 9])
-def test_int4_layer_bfloat16(calls, tokens):
-    ours, ref = int4_layers(ODD_INT4, torch.bfloat16, seed=tokens)
-    x = torch.randn(tokens, ODD_INT4["hidden"]).bfloat16()
-    with torch.inference_mode():
-        got, want = ours(x), ref(x)
-        full = copy.deepcopy(ref).float()(x.float())
-    assert calls == [tokens] and got.dtype == torch.bfloat16
-    assert (got.float() - want.float()).abs().max() <= 3e-2 * want.float().abs().max()
-    assert (got.float() - full).abs().max() <= 3e-2 * full.abs().max()
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_layer_matches_the_pytorch_path(monkeypatch, calls, dtype):
-    ours, _ = int4_layers(ODD_INT4, dtype)
-    x = torch.randn(2, 11, ODD_INT4["hidden"]).to(dtype)
-    with torch.inference_mode():
-        fused = ours(x)
-        monkeypatch.setattr(kernels, "ENABLED", False)
-        stock = ours(x)
-    assert calls == [22]
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert (fused.float() - stock.float()).abs().max() <= tol * stock.float().abs().max()
 
 
 @needs_kernels
