@@ -185,8 +185,8 @@ static inline void int4_block(const uint8_t* b16, float sc, __m512* even, __m512
                            shift);
 }
 
-static inline float int4_scale(int dtype, const void* s, int64_t g) {
-    return dtype == BF16 ? bf16_value(((const uint16_t*)s)[g]) : ((const float*)s)[g];
+static inline float int4_scale(int sdtype, const void* s, int64_t g) {
+    return sdtype == BF16 ? bf16_value(((const uint16_t*)s)[g]) : ((const float*)s)[g];
 }
 
 /* y[m * ldy] = one INT4 weight row (packed w, scales s in sdtype) against MT activation rows in
@@ -306,6 +306,15 @@ static void swiglu_rows(int dtype, float* gate, const float* up, int64_t M, int6
     }
 }
 
+/* silu(gate) * up for M rows of I values (gate overwritten) into act (row stride ld, float32) in
+ * INT4 order, as columns lo..lo+I-1 of the down projection's input. */
+static void swiglu_int4_rows(float* gate, const float* up, int64_t M, int64_t I, int64_t lo, float* act, int64_t ld) {
+    for (int64_t m = 0; m < M; m++) {
+        silu_mul(gate + m * I, up + m * I, I);
+        for (int64_t i = 0; i < I; i++) act[m * ld + int4_position(lo + i)] = gate[m * I + i];
+    }
+}
+
 static void widen_row(const uint16_t* src, float* dst, int64_t H) {
     for (int64_t h = 0; h < H; h++) {
         uint32_t u = (uint32_t)src[h] << 16;
@@ -391,12 +400,8 @@ static void expert_rows_int4(int dtype, int sdtype, const void* x, const int64_t
     }
     matmul_int4(sdtype, gate, gs, I, H, xs, M, H, s.hg, I);
     matmul_int4(sdtype, up, us, I, H, xs, M, H, s.hu, I);
-    float* act = s.act;
-    for (int64_t m = 0; m < M; m++) {
-        silu_mul(s.hg + m * I, s.hu + m * I, I);
-        for (int64_t i = 0; i < I; i++) act[m * I + int4_position(i)] = s.hg[m * I + i];
-    }
-    matmul_int4(sdtype, down, ds, H, I, act, M, I, s.ys, H);
+    swiglu_int4_rows(s.hg, s.hu, M, I, 0, s.act, I);
+    matmul_int4(sdtype, down, ds, H, I, s.act, M, I, s.ys, H);
 }
 
 /* Runs experts first..last-1 of a dispatch. Expert j owns pairs ends[j-1]..ends[j]-1 of `pairs`
@@ -611,14 +616,10 @@ static void up_item(const task_t* t) {
     project(&ex, ex.gate, ex.gate_scale, t->lo, I, H, xs, M, hg);
     project(&ex, ex.up, ex.up_scale, t->lo, I, H, xs, M, hu);
     char* act = (t->expert < 0 ? (char*)pool.shared_act : (char*)pool.act) + t->begin * ex.inter * asize;
-    if (!ex.int4) {
+    if (ex.int4)
+        swiglu_int4_rows(hg, hu, M, I, t->lo, (float*)act, ex.inter);
+    else
         swiglu_rows(a->dtype, hg, hu, M, I, act + t->lo * asize, ex.inter);
-        return;
-    }
-    for (int64_t m = 0; m < M; m++) {
-        silu_mul(hg + m * I, hu + m * I, I);
-        for (int64_t i = 0; i < I; i++) ((float*)act)[m * ex.inter + int4_position(t->lo + i)] = hg[m * I + i];
-    }
 }
 
 /* Down rows lo..hi-1 (output columns) of a task's expert over its act rows, weighted, into the
