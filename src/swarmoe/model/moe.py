@@ -33,7 +33,9 @@ from swarmoe.model.quant import INT4_GROUP, Int4Experts
 
 
 class ExpertWeights(Protocol):
-    """Source of one layer's routed-expert weights."""
+    """Source of one layer's routed-expert weights. A provider of INT4 experts may also offer
+    `int4(e)` -> (gate_up, its scales, down, its scales) packed, or None: the native kernels then
+    run them packed instead of asking `expert` for dequantised copies."""
 
     num_experts: int
 
@@ -394,15 +396,7 @@ def _run_int4(kern: kernels.ExpertKernels, j: int, packed: tuple[torch.Tensor, .
     dequantising them; False, having run nothing, where they are not laid out as the kernels read."""
     gate_up, gate_up_scale, down, down_scale = packed
     hidden, inter = x.shape[1], gate_up.shape[0] // 2
-    if not (
-        hidden % INT4_GROUP == 0 and inter % INT4_GROUP == 0 and inter > 0
-        and gate_up.shape == (2 * inter, hidden // 8) and down.shape == (hidden, inter // 8)
-        and gate_up_scale.shape == (2 * inter, hidden // INT4_GROUP)
-        and down_scale.shape == (hidden, inter // INT4_GROUP)
-        and gate_up.dtype == down.dtype == torch.int32
-        and gate_up_scale.dtype == down_scale.dtype and gate_up_scale.dtype in kernels.DTYPES
-        and all(t.is_cpu and t.is_contiguous() for t in packed)
-    ):
+    if not _int4_layout_fits(packed, hidden) or gate_up_scale.dtype not in kernels.DTYPES:
         return False
     gate, size = gate_up.data_ptr(), gate_up_scale.element_size()
     gate_scale = gate_up_scale.data_ptr()
@@ -828,19 +822,28 @@ def _int4_tensors(experts: Int4Experts, x: torch.Tensor) -> tuple[list[torch.Ten
     buffers = experts._buffers
     packed = [buffers["gate_up_packed"], buffers["down_packed"]]
     scales = [buffers["gate_up_scale"], buffers["down_scale"]]
-    e, hidden = experts.num_experts, x.shape[-1]
-    inter = packed[0].shape[1] // 2
     fits = (
-        hidden % INT4_GROUP == 0
-        and inter % INT4_GROUP == 0
-        and packed[0].shape == (e, 2 * inter, hidden // 8)
-        and packed[1].shape == (e, hidden, inter // 8)
-        and scales[0].shape == (e, 2 * inter, hidden // INT4_GROUP)
-        and scales[1].shape == (e, hidden, inter // INT4_GROUP)
-        and all(t.dtype == torch.int32 and t.is_contiguous() for t in packed)
-        and all(t.dtype == x.dtype and t.is_contiguous() for t in scales)
+        all(t.dim() == 3 and t.shape[0] == experts.num_experts for t in (*packed, *scales))
+        and scales[0].dtype == x.dtype
+        and _int4_layout_fits((packed[0], scales[0], packed[1], scales[1]), x.shape[-1])
     )
     return packed, scales if fits else None
+
+
+def _int4_layout_fits(packed: tuple[torch.Tensor, ...], hidden: int) -> bool:
+    """Whether (gate_up, its scales, down, its scales), one expert or a stack of them, are packed
+    INT4 as the kernels read them for activations of `hidden` values."""
+    gate_up, gate_up_scale, down, down_scale = packed
+    inter = gate_up.shape[-2] // 2
+    return (
+        hidden % INT4_GROUP == 0 and inter % INT4_GROUP == 0 and inter > 0
+        and gate_up.shape[-2:] == (2 * inter, hidden // 8) and down.shape[-2:] == (hidden, inter // 8)
+        and gate_up_scale.shape[-2:] == (2 * inter, hidden // INT4_GROUP)
+        and down_scale.shape[-2:] == (hidden, inter // INT4_GROUP)
+        and gate_up.dtype == down.dtype == torch.int32
+        and gate_up_scale.dtype == down_scale.dtype
+        and all(t.is_cpu and t.is_contiguous() for t in packed)
+    )
 
 
 @dataclass
