@@ -102,6 +102,9 @@ def test_other_inputs_go_to_f_linear(native):
         torch.testing.assert_close(lin(strided), F.linear(strided, lin.weight), rtol=0, atol=0)
         small, y = layer(256, 256, torch.float32), torch.randn(1, 256)  # 256 KiB of weights
         torch.testing.assert_close(small(y), F.linear(y, small.weight), rtol=0, atol=0)
+        transposed = Linear(2048, 512, bias=False)
+        transposed.weight.data = torch.randn(2048, 512).t()  # [512, 2048], not contiguous
+        torch.testing.assert_close(transposed(x[:1]), F.linear(x[:1], transposed.weight), rtol=0, atol=0)
     got = lin(x[:1])  # autograd on: differentiable F.linear
     assert got.requires_grad
     assert native == []
