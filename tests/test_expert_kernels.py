@@ -23,7 +23,7 @@ import swarmoe.model.moe as moe
 from reference import dequant_reference
 from swarmoe.config import TextConfig
 from swarmoe.model import kernels
-from swarmoe.model.quant import Int4Experts, quantize_int4
+from swarmoe.model.quant import Fp8Experts, Int4Experts, quantize_fp8, quantize_int4
 
 
 def _can_build() -> bool:
@@ -76,6 +76,8 @@ def layers(spec: dict, dtype: torch.dtype, seed: int = 0) -> tuple[moe.MoE, torc
     return ours.eval(), ref.eval()
 
 
+# Several 128x128 FP8 scale blocks per projection, the last ones partial.
+FP8_BLOCKS = dict(BASE, hidden=200, inter=136)
 # INT4 experts need sizes in groups of 32.
 ODD_INT4 = dict(ODD, hidden=96, inter=32)
 
@@ -103,10 +105,30 @@ def int4_layers(spec: dict, dtype: torch.dtype, seed: int = 0) -> tuple[moe.MoE,
     return ours, ref
 
 
-# Layers the whole-layer tests run: experts in the model's dtype, or INT4 run packed.
+def fp8_layers(spec: dict, dtype: torch.dtype, seed: int = 0) -> tuple[moe.MoE, torch.nn.Module]:
+    """`layers` with block-FP8 routed experts (as K2 publishes them): swarmoe's kept in float8,
+    transformers' the same weights dequantised (tests/reference.py)."""
+    ours, ref = layers(spec, dtype, seed=seed)  # before the swap: Module.to would widen float8 too
+    e, inter = spec["experts"], spec["inter"]
+    stored = Fp8Experts(e, spec["hidden"], inter)
+    with torch.no_grad():
+        for name, w in (("gate_up", ours.experts.gate_up.float()), ("down", ours.experts.down.float())):
+            parts = [w[:, :inter], w[:, inter:]] if name == "gate_up" else [w]
+            quantised = [[quantize_fp8(p[j]) for j in range(e)] for p in parts]
+            getattr(stored, f"{name}_fp8").copy_(torch.cat([torch.stack([q for q, _ in qs]) for qs in quantised], 1))
+            scale = torch.stack([torch.stack([s for _, s in qs]) for qs in quantised], 1)
+            getattr(stored, f"{name}_scale_inv").copy_(scale if name == "gate_up" else scale[:, 0])
+            getattr(ref.experts, f"{name}_proj").copy_(torch.cat([torch.stack([
+                dequant_reference({"weight": q, "weight_scale_inv": s}) for q, s in qs]) for qs in quantised], 1))
+    ours.experts = stored
+    return ours, ref
+
+
+# Layers the whole-layer tests run: experts in the model's dtype, or INT4 / FP8 run as stored.
 BUILDS = {
     "base": (layers, BASE), "odd": (layers, ODD), "no-shared": (layers, NO_SHARED),
     "int4-base": (int4_layers, BASE), "int4-odd": (int4_layers, ODD_INT4),
+    "fp8-base": (fp8_layers, BASE), "fp8-odd": (fp8_layers, ODD), "fp8-blocks": (fp8_layers, FP8_BLOCKS),
 }
 
 
@@ -150,7 +172,7 @@ def test_layer_matches_transformers_float32(calls, build, tokens, threads):
 
 
 @needs_kernels
-@pytest.mark.parametrize("build", ["base", "odd", "int4-odd"])
+@pytest.mark.parametrize("build", ["base", "odd", "int4-odd", "fp8-odd", "fp8-blocks"])
 @pytest.mark.parametrize("tokens", [1, 9, 70])
 def test_layer_matches_transformers_bfloat16(calls, build, tokens):
     make, spec = BUILDS[build]
@@ -167,7 +189,7 @@ def test_layer_matches_transformers_bfloat16(calls, build, tokens):
 
 
 @needs_kernels
-@pytest.mark.parametrize("build", ["odd", "int4-odd"])
+@pytest.mark.parametrize("build", ["odd", "int4-odd", "fp8-odd", "fp8-blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_matches_the_pytorch_path(monkeypatch, calls, build, dtype):
     make, spec = BUILDS[build]

@@ -255,6 +255,56 @@ static void matmul_int4(int sdtype, const void* w, const void* s, int64_t N, int
         }
 }
 
+/* ---- Block-FP8 weights (K2: float8 e4m3, one float32 scale per 128x128 block) ----
+ *
+ * Each byte is widened to float32 exactly in registers: its sign, exponent and mantissa bits are
+ * moved into float32's fields, which reads them with float32's exponent bias (127 for e4m3's 7),
+ * so a multiply by 2^120 makes the value right, subnormals included. One byte read per weight. */
+
+enum { FP8_BLOCK = 128 };
+
+static inline __m512 fp8_values(__m128i b) {
+    const __m512i v = _mm512_cvtepu8_epi32(b);
+    const __m512i bits = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24),
+                                         _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x7f)), 20));
+    return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0x1p120f));
+}
+
+/* y[m * ldy] = one FP8 weight row (K bytes; scales: its block row, one float per 128 inputs)
+ * against MT float32 activation rows (row stride ldx). */
+#define FP8_TILE(MT)                                                                               \
+    static void fp8_##MT(const uint8_t* w, const float* scales, int64_t K, const float* x, int64_t ldx, \
+                         float* y, int64_t ldy) {                                                  \
+        __m512 acc[MT];                                                                            \
+        _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();          \
+        for (int64_t k = 0; k < K; k += 16) {                                                      \
+            const int64_t left = K - k;                                                            \
+            const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);  \
+            const __m512 wv = _mm512_mul_ps(fp8_values(_mm_maskz_loadu_epi8(mask, w + k)),         \
+                                            _mm512_set1_ps(scales[k / FP8_BLOCK]));                \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++)                                   \
+                acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * ldx + k), acc[m]); \
+        }                                                                                          \
+        _Pragma("GCC unroll 8") for (int m = 0; m < MT; m++) y[m * ldy] = _mm512_reduce_add_ps(acc[m]); \
+    }
+
+typedef void (*fp8_fn)(const uint8_t*, const float*, int64_t, const float*, int64_t, float*, int64_t);
+FP8_TILE(1) FP8_TILE(2) FP8_TILE(3) FP8_TILE(4) FP8_TILE(5) FP8_TILE(6)
+static const fp8_fn fp8_tiles[7] = {0, fp8_1, fp8_2, fp8_3, fp8_4, fp8_5, fp8_6};
+
+/* y[M, N] (row stride ldy) = x[M, K] (float32, row stride ldx) @ rows row0..row0+N-1 of an FP8
+ * projection (w points at row row0; grid: the projection's whole block-scale grid,
+ * [ceil(rows / 128), ceil(K / 128)]). */
+static void matmul_fp8(const uint8_t* w, const float* grid, int64_t row0, int64_t N, int64_t K, const float* x,
+                       int64_t M, int64_t ldx, float* y, int64_t ldy) {
+    const int64_t blocks = (K + FP8_BLOCK - 1) / FP8_BLOCK;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
+            const int64_t rows = M - m < MAX_TILE_ROWS ? M - m : MAX_TILE_ROWS;
+            fp8_tiles[rows](w + n * K, grid + (row0 + n) / FP8_BLOCK * blocks, K, x + m * ldx, ldx, y + m * ldy + n, ldy);
+        }
+}
+
 /* Accurate to a few ulp over the float range: exp(v) = 2^n * e^r, |r| <= ln2/2, with a
  * degree-6 polynomial for e^r. */
 static inline __m512 exp512(__m512 v) {
@@ -471,12 +521,18 @@ typedef struct {
     const void* x;           /* [tokens, hidden] */
     void* y;                 /* [tokens, hidden] */
     int64_t* indices;        /* [tokens, top_k]: the routing, for the caller; NULL: not needed */
-    /* INT4 routed experts: gate_up and down are then packed ([experts, 2 * inter, hidden / 8] and
-     * [experts, hidden, inter / 8] int32), these their scales in dtype ([..., hidden / 32] and
-     * [..., inter / 32]); NULL: the experts are in dtype. */
+    /* How the routed experts are stored: in dtype (EXPERTS_DENSE); INT4, gate_up and down packed
+     * ([experts, 2 * inter, hidden / 8] and [experts, hidden, inter / 8] int32) with these their
+     * scales in dtype ([..., hidden / 32] and [..., inter / 32]); or FP8 (float8 e4m3 [experts,
+     * 2 * inter, hidden] and [experts, hidden, inter]) with these their float32 block scales
+     * ([experts, 2, ceil(inter / 128), ceil(hidden / 128)]: gate's grid, then up's; and
+     * [experts, ceil(hidden / 128), ceil(inter / 128)]). */
     const void* gate_up_scale;
     const void* down_scale;
+    int32_t format;
 } swarmoe_moe_args;
+
+enum { EXPERTS_DENSE = 0, EXPERTS_INT4 = 1, EXPERTS_FP8 = 2 };
 
 enum { MAX_THREADS = 64, TASK_ROWS = 32, ROUTER_ROWS = 32, SELECT_TOKENS = 16, COMBINE_TOKENS = 8 };
 /* Below this many (token, expert) pairs per thread, experts run in MAX_PARTS parts. */
@@ -559,35 +615,46 @@ static void router_item(int64_t i) {
 /* The weights and sizes of expert e (-1: the shared experts, never INT4). */
 typedef struct {
     const char *gate, *up, *down;
-    const char *gate_scale, *up_scale, *down_scale; /* INT4 experts only */
+    const char *gate_scale, *up_scale, *down_scale; /* INT4: per row; FP8: the block grids */
     int64_t inter;
-    int int4;
+    int format;
 } expert_t;
 
 static expert_t expert_at(int64_t e) {
     const swarmoe_moe_args* a = pool.a;
     if (e < 0) return (expert_t){.gate = a->shared_gate, .up = a->shared_up, .down = a->shared_down, .inter = a->shared_inter};
     const int64_t wsize = a->dtype == BF16 ? 2 : 4, I = a->inter, H = a->hidden;
-    if (a->gate_up_scale) {
+    if (a->format == EXPERTS_INT4) {
         const char* gate = (const char*)a->gate_up + e * 2 * I * H / 2;
         const char* gate_scale = (const char*)a->gate_up_scale + e * 2 * I * (H / 32) * wsize;
         return (expert_t){gate, gate + I * H / 2, (const char*)a->down + e * H * I / 2, gate_scale,
-                          gate_scale + I * (H / 32) * wsize, (const char*)a->down_scale + e * H * (I / 32) * wsize, I, 1};
+                          gate_scale + I * (H / 32) * wsize, (const char*)a->down_scale + e * H * (I / 32) * wsize, I,
+                          EXPERTS_INT4};
+    }
+    if (a->format == EXPERTS_FP8) {
+        const int64_t bi = (I + FP8_BLOCK - 1) / FP8_BLOCK, bh = (H + FP8_BLOCK - 1) / FP8_BLOCK;
+        const char* gate = (const char*)a->gate_up + e * 2 * I * H;
+        const char* gate_scale = (const char*)a->gate_up_scale + e * 2 * bi * bh * 4;
+        return (expert_t){gate, gate + I * H, (const char*)a->down + e * H * I, gate_scale, gate_scale + bi * bh * 4,
+                          (const char*)a->down_scale + e * bh * bi * 4, I, EXPERTS_FP8};
     }
     const char* gate = (const char*)a->gate_up + e * 2 * I * H * wsize;
     return (expert_t){.gate = gate, .up = gate + I * H * wsize, .down = (const char*)a->down + e * H * I * wsize, .inter = I};
 }
 
-/* Bytes per element of the activations an expert's kernels read: float32 for INT4 experts. */
-static int64_t act_size(const expert_t* ex) { return ex->int4 ? 4 : x_size(pool.a->dtype); }
+/* Bytes per element of the activations an expert's kernels read: float32 for quantised experts. */
+static int64_t act_size(const expert_t* ex) { return ex->format != EXPERTS_DENSE ? 4 : x_size(pool.a->dtype); }
 
-/* y[M, N] = x[M, K] @ rows lo..lo+N-1 of one projection of an expert (w, with scales s if INT4). */
+/* y[M, N] = x[M, K] @ rows lo..lo+N-1 of one projection of an expert (w, with scales s if
+ * quantised). */
 static void project(const expert_t* ex, const char* w, const char* s, int64_t lo, int64_t N, int64_t K, const void* x,
                     int64_t M, float* y) {
     const int dtype = pool.a->dtype;
     const int64_t wsize = dtype == BF16 ? 2 : 4;
-    if (ex->int4)
+    if (ex->format == EXPERTS_INT4)
         matmul_int4(dtype, w + lo * K / 2, s + lo * (K / 32) * wsize, N, K, x, M, K, y, N);
+    else if (ex->format == EXPERTS_FP8)
+        matmul_fp8((const uint8_t*)w + lo * K, (const float*)s, lo, N, K, x, M, K, y, N);
     else
         matmul_wt(dtype, w + lo * K * wsize, N, K, x, M, K, y, N);
 }
@@ -603,12 +670,12 @@ static void up_item(const task_t* t) {
         return;
     }
     float *hg = xs + M * H, *hu = hg + M * I;
-    /* The activations as the kernels read them: bf16 straight from x, else float32 (INT4 order
+    /* The activations as the kernels read them: bf16 straight from x, else float32 (in INT4 order
      * for INT4 experts). */
     const char* x = asize == 2 ? (const char*)a->x : (const char*)x_f32();
     for (int64_t m = 0; m < M; m++) {
         const int64_t tok = t->expert < 0 ? t->begin + m : pool.pairs[t->begin + m] / a->top_k;
-        if (ex.int4)
+        if (ex.format == EXPERTS_INT4)
             int4_order((const float*)x + tok * H, xs + m * H, H);
         else
             memcpy((char*)xs + m * H * asize, x + tok * H * asize, H * asize);
@@ -616,10 +683,10 @@ static void up_item(const task_t* t) {
     project(&ex, ex.gate, ex.gate_scale, t->lo, I, H, xs, M, hg);
     project(&ex, ex.up, ex.up_scale, t->lo, I, H, xs, M, hu);
     char* act = (t->expert < 0 ? (char*)pool.shared_act : (char*)pool.act) + t->begin * ex.inter * asize;
-    if (ex.int4)
+    if (ex.format == EXPERTS_INT4)
         swiglu_int4_rows(hg, hu, M, I, t->lo, (float*)act, ex.inter);
-    else
-        swiglu_rows(a->dtype, hg, hu, M, I, act + t->lo * asize, ex.inter);
+    else /* float32 rows for FP8 experts */
+        swiglu_rows(ex.format == EXPERTS_FP8 ? F32 : a->dtype, hg, hu, M, I, act + t->lo * asize, ex.inter);
 }
 
 /* Down rows lo..hi-1 (output columns) of a task's expert over its act rows, weighted, into the

@@ -45,7 +45,12 @@ class MoeArgs(ctypes.Structure):
         *((name, ctypes.c_void_p) for name in (
             "router", "bias", "gate_up", "down", "shared_gate", "shared_up", "shared_down", "x", "y", "indices",
             "gate_up_scale", "down_scale")),
+        ("format", ctypes.c_int32),
     ]
+
+
+# How a layer's routed experts are stored (swarmoe_moe_args.format).
+EXPERTS_DENSE, EXPERTS_INT4, EXPERTS_FP8 = 0, 1, 2
 
 
 class LinearArgs(ctypes.Structure):

@@ -29,7 +29,7 @@ from torch import nn
 from swarmoe.config import TextConfig
 from swarmoe.model import kernels
 from swarmoe.model.linear import Linear
-from swarmoe.model.quant import INT4_GROUP, Int4Experts
+from swarmoe.model.quant import FP8_BLOCK, INT4_GROUP, Fp8Experts, Int4Experts
 
 
 class ExpertWeights(Protocol):
@@ -752,12 +752,12 @@ class MoE(nn.Module):
 def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
     """The whole layer over x [..., H] (routing, shared and routed experts, the weighted sum) in
     one call of the native kernels, or None where they do not apply: autograd, other devices or
-    dtypes, expert providers other than stacked full-precision or INT4 weights, a custom router or shared
+    dtypes, expert providers other than stacked full-precision, INT4 or FP8 weights, a custom router or shared
     module, batches large enough that the stock GEMMs do better, or shapes that do not fit (the
     PyTorch path then raises the usual error).
 
-    INT4 experts (`Int4Experts`, packed as K2.5 publishes them) run packed: the kernels
-    dequantise each weight in registers as it streams in.
+    INT4 and block-FP8 experts (`Int4Experts`, `Fp8Experts`, as K2.5 and K2 publish them) run as
+    stored: the kernels dequantise each weight in registers as it streams in.
 
     Written for a layer whose caches are cold (the layers before it evicted them): every
     Python step and distinct torch call here costs microseconds, so modules and parameters are
@@ -772,15 +772,17 @@ def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
     hidden = x.shape[-1]
     if type(experts) is DenseExperts:
         params = experts._parameters
-        tensors, scales = [params["gate_up"], params["down"]], None
+        tensors, scales, form = [params["gate_up"], params["down"]], None, kernels.EXPERTS_DENSE
         e, inter2 = tensors[0].shape[:2]
         if tensors[0].shape[2] != hidden or tensors[1].shape != (e, hidden, inter2 // 2):
             return None
     elif type(experts) is Int4Experts:
-        tensors, scales = _int4_tensors(experts, x)
-        if scales is None:
-            return None
+        (tensors, scales), form = _int4_tensors(experts, x), kernels.EXPERTS_INT4
+    elif type(experts) is Fp8Experts:
+        (tensors, scales), form = _fp8_tensors(experts, hidden), kernels.EXPERTS_FP8
     else:
+        return None
+    if form != kernels.EXPERTS_DENSE and scales is None:
         return None
     if shared is not None:
         if type(shared) is not MLP:
@@ -809,7 +811,7 @@ def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
         router.data_ptr(), bias.data_ptr(), tensors[0].data_ptr(), tensors[1].data_ptr(),
         *([t.data_ptr() for t in tensors[2:]] if shared is not None else (None, None, None)),
         x.data_ptr(), y.data_ptr(), indices.data_ptr() if hooks else None,
-        *((scales[0].data_ptr(), scales[1].data_ptr()) if scales else (None, None)),
+        *((scales[0].data_ptr(), scales[1].data_ptr()) if scales else (None, None)), form,
     ))
     for hook in hooks:
         hook(layer.layer_idx, indices)
@@ -828,6 +830,23 @@ def _int4_tensors(experts: Int4Experts, x: torch.Tensor) -> tuple[list[torch.Ten
         and _int4_layout_fits((packed[0], scales[0], packed[1], scales[1]), x.shape[-1])
     )
     return packed, scales if fits else None
+
+
+def _fp8_tensors(experts: Fp8Experts, hidden: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """([gate_up, down] in float8, [their block scales]) of FP8 experts as the kernels take them,
+    or no scales where they do not fit (shapes, dtypes, layout)."""
+    buffers = experts._buffers
+    weights = [buffers["gate_up_fp8"], buffers["down_fp8"]]
+    scales = [buffers["gate_up_scale_inv"], buffers["down_scale_inv"]]
+    e, inter = experts.num_experts, weights[0].shape[1] // 2
+    blocks_i, blocks_h = -(-inter // FP8_BLOCK), -(-hidden // FP8_BLOCK)
+    fits = (
+        weights[0].shape == (e, 2 * inter, hidden) and weights[1].shape == (e, hidden, inter)
+        and scales[0].shape == (e, 2, blocks_i, blocks_h) and scales[1].shape == (e, blocks_h, blocks_i)
+        and all(t.dtype == torch.float8_e4m3fn and t.is_contiguous() for t in weights)
+        and all(t.dtype == torch.float32 and t.is_contiguous() for t in scales)
+    )
+    return weights, scales if fits else None
 
 
 def _int4_layout_fits(packed: tuple[torch.Tensor, ...], hidden: int) -> bool:
