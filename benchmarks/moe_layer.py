@@ -16,13 +16,13 @@ measured apart, before and after the timed calls: one NumPy sum per thread over 
 layer would show over 100%; the probe's threads are not used as the flush because the calls
 timed right after them ran up to 1.7x slower, every implementation alike.)
 
-With `--int4`, swarmoe's routed experts are INT4 as K2.5 ships them (packed, group 32, run packed)
-and the peer's hold the same values dequantised to the dtype (what the peer loads); GB/s then
-counts the packed bytes and scales swarmoe reads.
+With `--stored int4` (or `fp8`), swarmoe's routed experts are stored as K2.5 (INT4, group 32)
+or K2 (block FP8) ship them, and run so; the peer's hold the same values dequantised to the dtype
+(what the peer loads). GB/s then counts the stored bytes and scales swarmoe reads.
 
     .venv/bin/python benchmarks/moe_layer.py                 # full run, ~3 minutes on 2 cores
     .venv/bin/python benchmarks/moe_layer.py --tokens 1,8 --dtypes bf16 --repeats 9
-    .venv/bin/python benchmarks/moe_layer.py --int4
+    .venv/bin/python benchmarks/moe_layer.py --stored int4
 
 OMP_WAIT_POLICY defaults to PASSIVE here (see below). Prints a table and one JSON line, also appended to benchmarks/results/moe_layer.jsonl.
 """
@@ -54,7 +54,14 @@ sys.path.insert(0, str(ROOT / "src"))
 from record import report  # noqa: E402
 from swarmoe.config import TextConfig  # noqa: E402
 from swarmoe.model.moe import MoE  # noqa: E402
-from swarmoe.model.quant import Int4Experts, dequant_int4, quantize_int4  # noqa: E402
+from swarmoe.model.quant import (  # noqa: E402
+    Fp8Experts,
+    Int4Experts,
+    dequant_fp8,
+    dequant_int4,
+    quantize_fp8,
+    quantize_int4,
+)
 
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -116,19 +123,32 @@ def share_experts(ours: MoE, ref: torch.nn.Module) -> None:
     ref.experts.down_proj = ours.experts.down
 
 
-def pack_int4(ours: MoE, dtype: torch.dtype) -> None:
-    """ours' routed experts as K2.5 publishes them (INT4, group 32), kept packed; transformers'
-    are set to the same values, dequantised, in `dtype` (what a user of the peer would load)."""
+def quantise(ours: MoE, dtype: torch.dtype, kind: str) -> None:
+    """ours' routed experts as K2.5 (INT4, group 32) or K2 (block FP8) publish them, kept so;
+    transformers' are set to the same values, dequantised, in `dtype` (what its user loads)."""
     dense = ours.experts
-    packed = Int4Experts(dense.num_experts, *dense.down.shape[1:])
+    e, hidden, inter = dense.num_experts, *dense.down.shape[1:]
+    stored = Int4Experts(e, hidden, inter) if kind == "int4" else Fp8Experts(e, hidden, inter)
     with torch.no_grad():
         for name in ("gate_up", "down"):
-            q, scale = quantize_int4(getattr(dense, name).float())
-            getattr(packed, f"{name}_packed").copy_(q)
-            getattr(packed, f"{name}_scale").copy_(scale)
-            getattr(dense, name).data = dequant_int4(q, scale, torch.float32).to(dtype)
-        packed.to(dtype)
-    ours.experts = packed
+            w = getattr(dense, name).float()
+            if kind == "int4":
+                q, scale = quantize_int4(w)
+                getattr(stored, f"{name}_packed").copy_(q)
+                getattr(stored, f"{name}_scale").copy_(scale)
+                values = dequant_int4(q, scale, torch.float32)
+            else:  # FP8: gate and up keep block grids of their own
+                parts = [w[:, :inter], w[:, inter:]] if name == "gate_up" else [w]
+                blocks = [[quantize_fp8(p[j]) for j in range(e)] for p in parts]
+                q = torch.cat([torch.stack([b for b, _ in bs]) for bs in blocks], 1)
+                scale = torch.stack([torch.stack([s for _, s in bs]) for bs in blocks], 1)
+                getattr(stored, f"{name}_fp8").copy_(q)
+                getattr(stored, f"{name}_scale_inv").copy_(scale if name == "gate_up" else scale[:, 0])
+                values = torch.cat([torch.stack([dequant_fp8(b, s, torch.float32) for b, s in bs]) for bs in blocks], 1)
+            getattr(dense, name).data = values.to(dtype)
+    if kind == "int4":
+        stored.to(dtype)  # the scales, in the dtype as the checkpoint loader keeps them (float8 would widen too)
+    ours.experts = stored
 
 
 def to_dtype(ours: MoE, ref: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -153,7 +173,7 @@ def expert_bytes(ours: MoE, x: torch.Tensor, dtype: torch.dtype) -> int:
     idx, _ = ours.gate(x.reshape(-1, x.shape[-1]))
     elt = torch.empty((), dtype=dtype).element_size()
     ex = ours.experts
-    if isinstance(ex, Int4Experts):  # packed words and their scales
+    if isinstance(ex, Int4Experts | Fp8Experts):  # stored values and their scales
         per_expert = sum(t[0].numel() * t.element_size() for t in ex.buffers())
     else:
         per_expert = (ex.gate_up[0].numel() + ex.down[0].numel()) * elt
@@ -185,8 +205,9 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=20.0, help="seconds per implementation and size, caps repeats")
     p.add_argument("--max-gather-gib", type=float, default=3.0, help="skip batched_mm above this gather size")
     p.add_argument("--no-flush", action="store_true", help="time warm calls (no cache flush before each)")
-    p.add_argument("--int4", action="store_true",
-                   help="swarmoe's routed experts INT4 (packed, as K2.5 ships them); the peer's the same values dequantised")
+    p.add_argument("--stored", choices=("dense", "int4", "fp8"), default="dense",
+                   help="how swarmoe's routed experts are stored: in the dtype, INT4 (K2.5) or block FP8 (K2); "
+                        "the peer's hold the same values dequantised")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe_layer.jsonl"))
     args = p.parse_args()
 
@@ -214,8 +235,8 @@ def main() -> None:
             dtype = DTYPES[dname]
             ours.experts = dense
             to_dtype(ours, ref, dtype)
-            if args.int4:
-                pack_int4(ours, dtype)
+            if args.stored != "dense":
+                quantise(ours, dtype, args.stored)
             for tokens in sizes:
                 active = [
                     m for m in impls
@@ -281,7 +302,7 @@ def main() -> None:
         "threads": args.threads,
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "flush": not args.no_flush,
-        "int4": args.int4,
+        "experts_stored": args.stored,
         "read_gbps": round(bw, 2),
         "flush_read_gbps": round(median(read_gbps), 2),
         "loadavg_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
