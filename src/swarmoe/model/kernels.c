@@ -212,9 +212,60 @@ typedef void (*int4_fn)(int, const uint8_t*, const void*, int64_t, const float*,
 INT4_TILE(1) INT4_TILE(2) INT4_TILE(3) INT4_TILE(4) INT4_TILE(5) INT4_TILE(6)
 static const int4_fn int4_tiles[7] = {0, int4_1, int4_2, int4_3, int4_4, int4_5, int4_6};
 
-/* Per-thread room for four dequantised weight rows (more activation rows than one tile takes). */
+/* Per-thread room for four dequantised weight rows of K values, for more activation rows than one
+ * tile takes (then each weight is dequantised once, not once per tile); NULL without memory. */
 static __thread float* dequantised;
 static __thread int64_t dequantised_size;
+
+static float* dequantised_rows(int64_t K) {
+    if (4 * K > dequantised_size) {
+        free(dequantised);
+        dequantised = aligned_alloc(64, ((4 * K * sizeof(float) + 63) / 64) * 64);
+        dequantised_size = dequantised ? 4 * K : 0;
+    }
+    return dequantised;
+}
+
+/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ w[N, K]^T for quantised weight rows that
+ * `dequantise` writes four (the last ones: one) at a time into an L1 buffer as float32, each
+ * against all M activation rows in one-tile chunks. Returns 0, or -1 without memory for it. */
+typedef void (*dequantise_fn)(const void* ctx, int64_t n, int64_t rows, float* dst);
+static int matmul_dequantised(dequantise_fn dequantise, const void* ctx, int64_t N, int64_t K, const float* x,
+                              int64_t M, int64_t ldx, float* y, int64_t ldy) {
+    float* buf = dequantised_rows(K);
+    if (buf == NULL) return -1;
+    for (int64_t n = 0; n < N;) {
+        const int64_t four = N - n >= 4, rows = four ? 4 : 1;
+        dequantise(ctx, n, rows, buf);
+        for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
+            const int64_t tile = M - m < MAX_TILE_ROWS ? M - m : MAX_TILE_ROWS;
+            f32_tiles[four][tile](buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy);
+        }
+        n += rows;
+    }
+    return 0;
+}
+
+typedef struct {
+    const uint8_t* w;
+    const char* s;
+    int64_t K;
+    int sdtype;
+} int4_rows_t;
+
+/* Rows n..n+rows-1 of an INT4 projection into dst as float32, in INT4 order. */
+static void int4_dequantise(const void* ctx, int64_t n, int64_t rows, float* dst) {
+    const int4_rows_t* c = ctx;
+    const int64_t K = c->K, ssize = c->sdtype == BF16 ? 2 : 4;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k = 0; k < K; k += 32) {
+            __m512 even, odd;
+            int4_block(c->w + (n + r) * K / 2 + k / 2, int4_scale(c->sdtype, c->s + (n + r) * (K / 32) * ssize, k / 32),
+                       &even, &odd);
+            _mm512_storeu_ps(dst + r * K + k, even);
+            _mm512_storeu_ps(dst + r * K + k + 16, odd);
+        }
+}
 
 /* y[M, N] (row stride ldy) = x[M, K] (INT4 order, row stride ldx) @ w[N, K]^T for INT4 rows w
  * with scales s (sdtype, [N, K/32]); each weight row is read once, in memory order. Up to one
@@ -223,30 +274,8 @@ static __thread int64_t dequantised_size;
 static void matmul_int4(int sdtype, const void* w, const void* s, int64_t N, int64_t K, const float* x, int64_t M,
                         int64_t ldx, float* y, int64_t ldy) {
     const int64_t ssize = sdtype == BF16 ? 2 : 4;
-    if (M > MAX_TILE_ROWS && 4 * K > dequantised_size) {
-        free(dequantised);
-        dequantised = aligned_alloc(64, 4 * K * sizeof(float));
-        dequantised_size = dequantised ? 4 * K : 0;
-    }
-    if (M > MAX_TILE_ROWS && dequantised) {
-        for (int64_t n = 0; n < N;) {
-            const int64_t four = N - n >= 4, rows = four ? 4 : 1;
-            for (int64_t r = 0; r < rows; r++)
-                for (int64_t k = 0; k < K; k += 32) {
-                    __m512 even, odd;
-                    int4_block((const uint8_t*)w + (n + r) * K / 2 + k / 2,
-                               int4_scale(sdtype, (const char*)s + (n + r) * (K / 32) * ssize, k / 32), &even, &odd);
-                    _mm512_storeu_ps(dequantised + r * K + k, even);
-                    _mm512_storeu_ps(dequantised + r * K + k + 16, odd);
-                }
-            for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
-                const int64_t tile = M - m < MAX_TILE_ROWS ? M - m : MAX_TILE_ROWS;
-                f32_tiles[four][tile](dequantised, K, x + m * ldx, ldx, y + m * ldy + n, ldy);
-            }
-            n += rows;
-        }
-        return;
-    }
+    const int4_rows_t rows_of = {w, s, K, sdtype};
+    if (M > MAX_TILE_ROWS && matmul_dequantised(int4_dequantise, &rows_of, N, K, x, M, ldx, y, ldy) == 0) return;
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
             const int64_t rows = M - m < MAX_TILE_ROWS ? M - m : MAX_TILE_ROWS;
@@ -295,9 +324,31 @@ static const fp8_fn fp8_tiles[7] = {0, fp8_1, fp8_2, fp8_3, fp8_4, fp8_5, fp8_6}
 /* y[M, N] (row stride ldy) = x[M, K] (float32, row stride ldx) @ rows row0..row0+N-1 of an FP8
  * projection (w points at row row0; grid: the projection's whole block-scale grid,
  * [ceil(rows / 128), ceil(K / 128)]). */
+typedef struct {
+    const uint8_t* w;
+    const float* grid;
+    int64_t row0, K;
+} fp8_rows_t;
+
+/* Rows n..n+rows-1 of an FP8 projection (as matmul_fp8 takes it) into dst as float32. */
+static void fp8_dequantise(const void* ctx, int64_t n, int64_t rows, float* dst) {
+    const fp8_rows_t* c = ctx;
+    const int64_t K = c->K, blocks = (K + FP8_BLOCK - 1) / FP8_BLOCK;
+    for (int64_t r = 0; r < rows; r++) {
+        const float* scales = c->grid + (c->row0 + n + r) / FP8_BLOCK * blocks;
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+            const __m512 v = fp8_values(_mm_maskz_loadu_epi8(mask, c->w + (n + r) * K + k));
+            _mm512_mask_storeu_ps(dst + r * K + k, mask, _mm512_mul_ps(v, _mm512_set1_ps(scales[k / FP8_BLOCK])));
+        }
+    }
+}
+
 static void matmul_fp8(const uint8_t* w, const float* grid, int64_t row0, int64_t N, int64_t K, const float* x,
                        int64_t M, int64_t ldx, float* y, int64_t ldy) {
     const int64_t blocks = (K + FP8_BLOCK - 1) / FP8_BLOCK;
+    const fp8_rows_t rows_of = {w, grid, row0, K};
+    if (M > MAX_TILE_ROWS && matmul_dequantised(fp8_dequantise, &rows_of, N, K, x, M, ldx, y, ldy) == 0) return;
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
             const int64_t rows = M - m < MAX_TILE_ROWS ? M - m : MAX_TILE_ROWS;
