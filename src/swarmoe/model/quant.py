@@ -6,8 +6,8 @@ INT4 (compressed-tensors `pack-quantized`, symmetric, group 32): `weight_packed`
 `weight_scale_inv` [ceil(out/128), ceil(in/128)] per 128x128 block.
 
 Routed experts stay packed in memory: a 1T checkpoint is ~550 GiB packed and ~2 TB unpacked.
-INT4 experts run packed on the native kernels (moe.py, kernels.c), each weight dequantised in
-registers as it streams in; elsewhere, and for FP8, they are dequantised one expert at a time
+On the native kernels (moe.py, kernels.c) INT4 and FP8 experts run as stored, each weight
+dequantised in registers as it streams in; elsewhere they are dequantised one expert at a time
 when routed to.
 """
 
