@@ -417,10 +417,7 @@ static void swiglu_int4_rows(float* gate, const float* up, int64_t M, int64_t I,
 }
 
 static void widen_row(const uint16_t* src, float* dst, int64_t H) {
-    for (int64_t h = 0; h < H; h++) {
-        uint32_t u = (uint32_t)src[h] << 16;
-        memcpy(dst + h, &u, 4);
-    }
+    for (int64_t h = 0; h < H; h++) dst[h] = bf16_value(src[h]);
 }
 
 /* Row `row` of src (dtype) into dst as the kernels of dtype read activations (x_size). */
@@ -966,6 +963,9 @@ static int reserve(const swarmoe_moe_args* a) {
     return 0;
 }
 
+/* The threads a call asks for, up to what the pool runs (torch may run more). */
+static int64_t capped(int64_t threads) { return threads < MAX_THREADS ? threads : MAX_THREADS; }
+
 /* Helpers up to `threads` - 1 (fewer if the system refuses more); call with the lock held. */
 static void start_helpers(int64_t threads) {
     while (pool.helpers < threads - 1) {
@@ -1003,15 +1003,16 @@ static void start_phase(phase_t* ph, int64_t items) {
 
 /* One MoE layer (see swarmoe_moe_args). Returns 0; -1 without memory; -2 for a bad shape. */
 int swarmoe_moe(const swarmoe_moe_args* a) {
-    if (a->threads < 1 || a->threads > MAX_THREADS || a->top_k < 1 || a->top_k > a->experts || a->groups < 1 ||
+    if (a->threads < 1 || a->top_k < 1 || a->top_k > a->experts || a->groups < 1 ||
         a->experts % a->groups)
         return -2;
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, watch_forks);
     pthread_mutex_lock(&pool.lock);
     int status = reserve(a);
+    const int64_t threads = capped(a->threads);
     if (status == 0) {
-        start_helpers(a->threads);
+        start_helpers(threads);
         pool.a = a;
         pool.routing = a->indices ? a->indices : pool.indices;
         if (a->dtype == BF16) {
@@ -1020,14 +1021,14 @@ int swarmoe_moe(const swarmoe_moe_args* a) {
         start_phase(&pool.router, (a->experts + ROUTER_ROWS - 1) / ROUTER_ROWS);
         /* Few pairs per thread (decode): each expert's work is cut in parts, so that the threads
          * share a layer's handful of experts evenly. */
-        pool.parts = a->tokens * a->top_k < SPLIT_BELOW_PAIRS * a->threads ? MAX_PARTS : 1;
+        pool.parts = a->tokens * a->top_k < SPLIT_BELOW_PAIRS * threads ? MAX_PARTS : 1;
         start_phase(&pool.shared, a->shared_gate ? expert_tasks(-1, 0, a->tokens, pool.shared_up, pool.shared_down) : 0);
         start_phase(&pool.select, (a->tokens + SELECT_TOKENS - 1) / SELECT_TOKENS);
         start_phase(&pool.plan, 1);
         start_phase(&pool.up, 0); /* the plan sets how many up and down tasks */
         start_phase(&pool.down, 0);
         start_phase(&pool.combine, (a->tokens + COMBINE_TOKENS - 1) / COMBINE_TOKENS);
-        run_job(work, a->threads, &pool.combine);
+        run_job(work, threads, &pool.combine);
         status = atomic_load(&pool.failed) ? -1 : 0;
     }
     pthread_mutex_unlock(&pool.lock);
@@ -1054,16 +1055,8 @@ static void linear_item(int64_t i) {
     for (int64_t m = 0; m < M; m++)
         for (int64_t r = 0; r < rows; r++) {
             float v = ys[m * rows + r];
-            if (l->bias) {
-                if (l->dtype == F32) {
-                    v += ((const float*)l->bias)[n0 + r];
-                } else {
-                    const uint32_t u = (uint32_t)((const uint16_t*)l->bias)[n0 + r] << 16;
-                    float b;
-                    memcpy(&b, &u, 4);
-                    v += b;
-                }
-            }
+            if (l->bias)
+                v += l->dtype == F32 ? ((const float*)l->bias)[n0 + r] : bf16_value(((const uint16_t*)l->bias)[n0 + r]);
             if (l->dtype == F32)
                 ((float*)l->y)[m * N + n0 + r] = v;
             else
@@ -1078,7 +1071,7 @@ enum { LINEAR_ITEMS_PER_THREAD = 8 };
 
 /* One linear layer (see swarmoe_linear_args). Returns 0; -1 without memory; -2 for a bad shape. */
 int swarmoe_linear(const swarmoe_linear_args* l) {
-    if (l->threads < 1 || l->threads > MAX_THREADS || l->rows < 1 || l->in < 1 || l->out < 1) return -2;
+    if (l->threads < 1 || l->rows < 1 || l->in < 1 || l->out < 1) return -2;
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, watch_forks);
     pthread_mutex_lock(&pool.lock);
@@ -1095,12 +1088,13 @@ int swarmoe_linear(const swarmoe_linear_args* l) {
         pool.linear_x = pool.widened;
     }
     if (status == 0) {
-        start_helpers(l->threads);
+        const int64_t threads = capped(l->threads);
+        start_helpers(threads);
         pool.l = l;
-        const int64_t parts = l->threads * LINEAR_ITEMS_PER_THREAD;
+        const int64_t parts = threads * LINEAR_ITEMS_PER_THREAD;
         pool.linear_rows = (l->out + parts - 1) / parts;
         start_phase(&pool.linear, (l->out + pool.linear_rows - 1) / pool.linear_rows);
-        run_job(linear_work, l->threads, &pool.linear);
+        run_job(linear_work, threads, &pool.linear);
         status = atomic_load(&pool.failed) ? -1 : 0;
     }
     pthread_mutex_unlock(&pool.lock);

@@ -66,13 +66,6 @@ class LinearArgs(ctypes.Structure):
 # Most input rows the linear kernel takes: its tiles are made for a few rows (ROW_BY_ROW_MAX in
 # kernels.c); larger batches are GEMMs that PyTorch's kernels do well.
 LINEAR_MAX_ROWS = 12
-# Most threads one kernel call runs on (MAX_THREADS in kernels.c).
-MAX_THREADS = 64
-
-
-def threads() -> int:
-    """Threads for a kernel call: torch's intra-op count, up to what the kernels take."""
-    return min(torch.get_num_threads(), MAX_THREADS)
 
 
 class ExpertKernels:
@@ -105,7 +98,7 @@ class ExpertKernels:
         rows = x.numel() // weight.shape[1]
         y = x.new_empty((*x.shape[:-1], weight.shape[0]))
         args = LinearArgs(
-            rows, weight.shape[1], weight.shape[0], threads(), DTYPES[x.dtype],
+            rows, weight.shape[1], weight.shape[0], torch.get_num_threads(), DTYPES[x.dtype],
             x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
         )
         status = self._linear(ctypes.byref(args))

@@ -806,7 +806,7 @@ def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
     indices = torch.empty(n, gate.top_k, dtype=torch.int64) if hooks else None
     kern.moe(kernels.MoeArgs(
         n, hidden, tensors[0].shape[1] // 2, tensors[2].shape[0] if shared is not None else 0,
-        experts.num_experts, gate.top_k, gate.n_group, gate.topk_group, kernels.threads(),
+        experts.num_experts, gate.top_k, gate.n_group, gate.topk_group, torch.get_num_threads(),
         kernels.DTYPES[x.dtype], gate.norm_topk_prob, gate.scaling,
         router.data_ptr(), bias.data_ptr(), tensors[0].data_ptr(), tensors[1].data_ptr(),
         *([t.data_ptr() for t in tensors[2:]] if shared is not None else (None, None, None)),
