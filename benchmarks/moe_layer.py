@@ -54,14 +54,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from record import report  # noqa: E402
 from swarmoe.config import TextConfig  # noqa: E402
 from swarmoe.model.moe import MoE  # noqa: E402
-from swarmoe.model.quant import (  # noqa: E402
-    Fp8Experts,
-    Int4Experts,
-    dequant_fp8,
-    dequant_int4,
-    quantize_fp8,
-    quantize_int4,
-)
+from swarmoe.model.quant import Fp8Experts, Int4Experts  # noqa: E402
 
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -127,25 +120,10 @@ def quantise(ours: MoE, dtype: torch.dtype, kind: str) -> None:
     """ours' routed experts as K2.5 (INT4, group 32) or K2 (block FP8) publish them, kept so;
     transformers' are set to the same values, dequantised, in `dtype` (what its user loads)."""
     dense = ours.experts
-    e, hidden, inter = dense.num_experts, *dense.down.shape[1:]
-    stored = Int4Experts(e, hidden, inter) if kind == "int4" else Fp8Experts(e, hidden, inter)
-    with torch.no_grad():
-        for name in ("gate_up", "down"):
-            w = getattr(dense, name).float()
-            if kind == "int4":
-                q, scale = quantize_int4(w)
-                getattr(stored, f"{name}_packed").copy_(q)
-                getattr(stored, f"{name}_scale").copy_(scale)
-                values = dequant_int4(q, scale, torch.float32)
-            else:  # FP8: gate and up keep block grids of their own
-                parts = [w[:, :inter], w[:, inter:]] if name == "gate_up" else [w]
-                blocks = [[quantize_fp8(p[j]) for j in range(e)] for p in parts]
-                q = torch.cat([torch.stack([b for b, _ in bs]) for bs in blocks], 1)
-                scale = torch.stack([torch.stack([s for _, s in bs]) for bs in blocks], 1)
-                getattr(stored, f"{name}_fp8").copy_(q)
-                getattr(stored, f"{name}_scale_inv").copy_(scale if name == "gate_up" else scale[:, 0])
-                values = torch.cat([torch.stack([dequant_fp8(b, s, torch.float32) for b, s in bs]) for bs in blocks], 1)
-            getattr(dense, name).data = values.to(dtype)
+    stored = (Int4Experts if kind == "int4" else Fp8Experts).from_dense(dense.gate_up, dense.down)
+    values = [stored.expert(e, torch.float32) for e in range(dense.num_experts)]
+    for i, name in enumerate(("gate_up", "down")):
+        getattr(dense, name).data = torch.stack([v[i] for v in values]).to(dtype)
     if kind == "int4":
         stored.to(dtype)  # the scales, in the dtype as the checkpoint loader keeps them (float8 would widen too)
     ours.experts = stored

@@ -23,7 +23,7 @@ import swarmoe.model.moe as moe
 from reference import dequant_reference
 from swarmoe.config import TextConfig
 from swarmoe.model import kernels
-from swarmoe.model.quant import Fp8Experts, Int4Experts, quantize_fp8, quantize_int4
+from swarmoe.model.quant import Fp8Experts, Int4Experts
 
 
 def _can_build() -> bool:
@@ -86,17 +86,14 @@ def int4_layers(spec: dict, dtype: torch.dtype, seed: int = 0) -> tuple[moe.MoE,
     """`layers` with INT4 routed experts: swarmoe's packed (`Int4Experts`), transformers' the same
     weights dequantised by compressed-tensors (tests/reference.py)."""
     ours, ref = layers(spec, torch.float32, seed=seed)
-    e = spec["experts"]
-    packed = Int4Experts(e, spec["hidden"], spec["inter"])
+    packed = Int4Experts.from_dense(ours.experts.gate_up, ours.experts.down)
     with torch.no_grad():
-        for name, w in (("gate_up", ours.experts.gate_up), ("down", ours.experts.down)):
-            q, scale = quantize_int4(w)
-            getattr(packed, f"{name}_packed").copy_(q)
-            getattr(packed, f"{name}_scale").copy_(scale)
-            shape = torch.tensor(w.shape[1:])
+        for name in ("gate_up", "down"):
+            q, scale = getattr(packed, f"{name}_packed"), getattr(packed, f"{name}_scale")
+            shape = torch.tensor([q.shape[1], scale.shape[2] * 32])
             getattr(ref.experts, f"{name}_proj").copy_(torch.stack([
                 dequant_reference({"weight_packed": q[j], "weight_scale": scale[j], "weight_shape": shape})
-                for j in range(e)
+                for j in range(packed.num_experts)
             ]))
     ours.experts = packed
     for layer in (ours, ref):
@@ -109,17 +106,16 @@ def fp8_layers(spec: dict, dtype: torch.dtype, seed: int = 0) -> tuple[moe.MoE, 
     """`layers` with block-FP8 routed experts (as K2 publishes them): swarmoe's kept in float8,
     transformers' the same weights dequantised (tests/reference.py)."""
     ours, ref = layers(spec, dtype, seed=seed)  # before the swap: Module.to would widen float8 too
-    e, inter = spec["experts"], spec["inter"]
-    stored = Fp8Experts(e, spec["hidden"], inter)
+    stored = Fp8Experts.from_dense(ours.experts.gate_up, ours.experts.down)
     with torch.no_grad():
-        for name, w in (("gate_up", ours.experts.gate_up.float()), ("down", ours.experts.down.float())):
-            parts = [w[:, :inter], w[:, inter:]] if name == "gate_up" else [w]
-            quantised = [[quantize_fp8(p[j]) for j in range(e)] for p in parts]
-            getattr(stored, f"{name}_fp8").copy_(torch.cat([torch.stack([q for q, _ in qs]) for qs in quantised], 1))
-            scale = torch.stack([torch.stack([s for _, s in qs]) for qs in quantised], 1)
-            getattr(stored, f"{name}_scale_inv").copy_(scale if name == "gate_up" else scale[:, 0])
-            getattr(ref.experts, f"{name}_proj").copy_(torch.cat([torch.stack([
-                dequant_reference({"weight": q, "weight_scale_inv": s}) for q, s in qs]) for qs in quantised], 1))
+        for j in range(stored.num_experts):
+            gate, up = stored.gate_up_fp8[j].chunk(2)
+            ref.experts.gate_up_proj[j] = torch.cat([
+                dequant_reference({"weight": gate, "weight_scale_inv": stored.gate_up_scale_inv[j, 0]}),
+                dequant_reference({"weight": up, "weight_scale_inv": stored.gate_up_scale_inv[j, 1]}),
+            ])
+            ref.experts.down_proj[j] = dequant_reference(
+                {"weight": stored.down_fp8[j], "weight_scale_inv": stored.down_scale_inv[j]})
     ours.experts = stored
     return ours, ref
 

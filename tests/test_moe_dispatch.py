@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import swarmoe.model.moe as moe
 from swarmoe.model import kernels
-from swarmoe.model.quant import Int4Experts, quantize_int4
+from swarmoe.model.quant import Int4Experts
 
 E, H, INTER, K = 16, 64, 32, 4
 
@@ -25,10 +25,7 @@ def experts(kind: str) -> moe.DenseExperts | Int4Experts:
         dense.down.copy_(torch.randn(dense.down.shape, generator=g) * INTER**-0.5)
     if kind == "dense":
         return dense
-    q = Int4Experts(E, H, INTER)
-    q.gate_up_packed, q.gate_up_scale = quantize_int4(dense.gate_up.data)
-    q.down_packed, q.down_scale = quantize_int4(dense.down.data)
-    return q
+    return Int4Experts.from_dense(dense.gate_up, dense.down)
 
 
 def reference(x, idx, w, ex, shared):

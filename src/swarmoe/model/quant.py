@@ -84,6 +84,19 @@ class Int4Experts(nn.Module):
         self.register_buffer("down_packed", torch.zeros(e, hidden, inter // 8, dtype=torch.int32))
         self.register_buffer("down_scale", torch.zeros(e, hidden, inter // INT4_GROUP))
 
+    @classmethod
+    def from_dense(cls, gate_up: torch.Tensor, down: torch.Tensor) -> Int4Experts:
+        """Stacked full-precision experts (gate_up [E, 2I, H], down [E, H, I]) quantised as K2.5
+        stores them: for tiny models, tests and benchmarks that start from dense weights."""
+        e, hidden, inter = down.shape
+        experts = cls(e, hidden, inter)
+        with torch.no_grad():
+            for name, w in (("gate_up", gate_up), ("down", down)):
+                packed, scale = quantize_int4(w)
+                getattr(experts, f"{name}_packed").copy_(packed)
+                getattr(experts, f"{name}_scale").copy_(scale)
+        return experts
+
     thread_safe = True  # expert() only reads: dispatch may call it from several threads
 
     def int4(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,6 +123,21 @@ class Fp8Experts(nn.Module):
         self.register_buffer("gate_up_scale_inv", torch.ones(e, 2, blocks(inter), blocks(hidden), dtype=torch.float32))
         self.register_buffer("down_fp8", torch.zeros(e, hidden, inter, dtype=torch.float8_e4m3fn))
         self.register_buffer("down_scale_inv", torch.ones(e, blocks(hidden), blocks(inter), dtype=torch.float32))
+
+    @classmethod
+    def from_dense(cls, gate_up: torch.Tensor, down: torch.Tensor) -> Fp8Experts:
+        """Stacked full-precision experts (gate_up [E, 2I, H], down [E, H, I]) quantised as K2
+        stores them (gate and up on block grids of their own): for tests and benchmarks."""
+        e, hidden, inter = down.shape
+        experts = cls(e, hidden, inter)
+        with torch.no_grad():
+            for j in range(e):
+                for half, w in enumerate(gate_up[j].float().chunk(2)):
+                    q, scale_inv = quantize_fp8(w)
+                    experts.gate_up_fp8[j, half * inter:(half + 1) * inter] = q
+                    experts.gate_up_scale_inv[j, half] = scale_inv
+                experts.down_fp8[j], experts.down_scale_inv[j] = quantize_fp8(down[j].float())
+        return experts
 
     thread_safe = True  # expert() only reads: dispatch may call it from several threads
 
