@@ -33,8 +33,8 @@ class Linear(nn.Linear):
             and self.in_features * self.out_features * x.element_size() >= NATIVE_MIN_BYTES
             and not torch.is_grad_enabled()
             and kern.supports(x)
-            and 0 < x.numel() <= kernels.LINEAR_MAX_ROWS * weight.shape[1]
             and weight.dim() == 2
+            and 0 < x.numel() <= kernels.LINEAR_MAX_ROWS * weight.shape[1]
             and x.shape[-1] == weight.shape[1]
             and weight.dtype == x.dtype
             and weight.is_cpu
