@@ -157,3 +157,4 @@ def test_cli_init_tiny_and_inspect(tmp_path):
     result = runner.invoke(app, ["inspect", "--model", str(tmp_path / "t"), "--prompt", "hello there"])
     assert result.exit_code == 0, result.output
     assert "experts_touched" in result.output and "kimi_k2" in result.output
+    assert "max/mean" in result.output and "dead" in result.output

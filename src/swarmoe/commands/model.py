@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -40,7 +41,7 @@ def inspect(
     from swarmoe.model import RoutingStats, load_model
     from swarmoe.text import Tokenizer
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     cfg = load_config(model)
     net = load_model(model, dtype=dtype)
     tokenizer = Tokenizer.from_pretrained(model)
@@ -55,9 +56,10 @@ def inspect(
     with torch.no_grad(), RoutingStats.attach(net) as stats:
         net(torch.tensor([ids]))
     table = Table(title=f"Routing of {len(ids)} prompt tokens")
-    for column in ("layer", "tokens", "experts_touched", "max_load", "mean_load", "cv"):
+    rows = stats.rows()
+    for column in rows[0] if rows else ():
         table.add_column(column, justify="right")
-    for row in stats.rows():
+    for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
 

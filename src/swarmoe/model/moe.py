@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swarmoe.config import TextConfig
-from swarmoe.model import kernels
+from swarmoe.model import grouped, kernels
 from swarmoe.model.linear import Linear
 from swarmoe.model.quant import FP8_BLOCK, INT4_GROUP, Fp8Experts, Int4Experts
 
@@ -104,9 +104,10 @@ class Router(nn.Module):
         weight = weight if weight.dtype == torch.float32 else weight.float()
         return F.linear(x if x.dtype == torch.float32 else x.float(), weight)
 
-    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [N,E] (overwritten) -> (indices [N,k], weights [N,k] float32)."""
-        scores = logits.sigmoid_()
+    def select(self, logits: torch.Tensor, scored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [N,E] (overwritten; or sigmoid scores already, when `scored`) ->
+        (indices [N,k], weights [N,k] float32)."""
+        scores = logits if scored else logits.sigmoid_()
         choice = scores + self.e_score_correction_bias
         if self.topk_group < self.n_group:
             n = choice.shape[0]
@@ -693,7 +694,9 @@ os.register_at_fork(after_in_child=_forget_pool)
 def _dispatch_autograd(
     x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: ExpertWeights
 ) -> torch.Tensor:
-    """The same computation, differentiable (no `out=`, no in-place), on the calling thread."""
+    """The same computation, differentiable (no `out=`, no in-place), on the calling thread:
+    stacked full-precision experts as grouped GEMMs (`grouped.py`), others (INT4 or FP8
+    experts, frozen under LoRA) one active expert at a time."""
     n, k = indices.shape
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)
@@ -701,6 +704,9 @@ def _dispatch_autograd(
     counts = torch.bincount(flat, minlength=experts.num_experts)
     xs = x.index_select(0, token)
     ws = weights.reshape(-1).index_select(0, order)
+    if isinstance(experts, DenseExperts) and grouped.available(x):
+        out = grouped.grouped_swiglu(xs, experts.gate_up, experts.down, counts) * ws.unsqueeze(1)
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
     active = counts.nonzero().flatten()
     outs = []
     start = 0
@@ -718,6 +724,9 @@ def _dispatch_autograd(
 # native kernels have run the whole layer, else after routing and before the experts run (on an
 # expert worker thread when the layer runs on the workers).
 RoutingHook = Callable[[int, torch.Tensor], None]
+# Called with (layer index, sigmoid scores [N,E] with their graph, indices [N,k]) for every
+# layer call under autograd: what training needs for load balancing (`swarmoe.train.balance`).
+ScoreHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 class MoE(nn.Module):
@@ -732,8 +741,11 @@ class MoE(nn.Module):
             else None
         )
         self.routing_hooks: list[RoutingHook] = []
+        self.score_hooks: list[ScoreHook] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self._forward_autograd(x)
         y = _moe_fused(self, x)
         if y is not None:
             return y
@@ -745,6 +757,19 @@ class MoE(nn.Module):
         indices, weights = self.gate(flat)
         for hook in self.routing_hooks:
             hook(self.layer_idx, indices)
+        y = dispatch(flat, indices, weights, self.experts, shared=self.shared_experts)
+        return y.view(shape)
+
+    def _forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        gate = self.gate
+        scores = gate.logits(flat).sigmoid()
+        indices, weights = gate.select(scores, scored=True)
+        for hook in self.routing_hooks:
+            hook(self.layer_idx, indices)
+        for score_hook in self.score_hooks:
+            score_hook(self.layer_idx, scores, indices)
         y = dispatch(flat, indices, weights, self.experts, shared=self.shared_experts)
         return y.view(shape)
 
@@ -883,6 +908,11 @@ class LayerStats:
         return float(self.tokens_per_expert.float().mean())
 
     @property
+    def dead(self) -> int:
+        """Experts that received no token."""
+        return int((self.tokens_per_expert == 0).sum())
+
+    @property
     def cv(self) -> float:
         """Coefficient of variation of the per-expert load: 0 is perfectly balanced."""
         load = self.tokens_per_expert.float()
@@ -938,7 +968,9 @@ class RoutingStats:
                 "experts_touched": s.experts_touched,
                 "max_load": s.max_load,
                 "mean_load": round(s.mean_load, 3),
+                "max/mean": round(s.max_load / s.mean_load, 3) if s.mean_load else 0.0,
                 "cv": round(s.cv, 3),
+                "dead": s.dead,
             }
             for layer, s in sorted(self.layers.items())
         ]
