@@ -810,8 +810,8 @@ def _moe_fused(layer: MoE, x: torch.Tensor) -> torch.Tensor | None:
     if form != kernels.EXPERTS_DENSE and scales is None:
         return None
     if shared is not None:
-        if type(shared) is not MLP:
-            return None
+        if type(shared) is not MLP or any(type(m) is not Linear for m in shared._modules.values()):
+            return None  # e.g. LoRA-wrapped projections
         tensors += [m._parameters["weight"] for m in shared._modules.values()]
     router, bias = gate._parameters["weight"], gate._buffers["e_score_correction_bias"]
     n = x.numel() // hidden
