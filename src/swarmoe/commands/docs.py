@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,6 +49,20 @@ def analyze(
         typer.Option(help="Document cache (env SWARMOE_CACHE_DIR; default ~/.cache/swarmoe)."),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress lines on stderr.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print one JSON object: answer, findings, swarm stats (and grade)."
+        ),
+    ] = False,
+    grade: Annotated[
+        bool,
+        typer.Option(
+            help="Grade the report against FILE's planted facts, read from the sidecar beside "
+            "it (report.pdf -> report.facts.json, as swarmoe.tasks.report.make_report_task "
+            "writes it); one FILE only."
+        ),
+    ] = False,
 ) -> None:
     """Answer a question over long documents with a swarm: the documents are split by section
     and page range across sub-agents, and one report cites the pages of every figure and claim."""
@@ -57,6 +73,7 @@ def analyze(
     from swarmoe.docs.recipe import to_html
     from swarmoe.docs.tools import DocumentTools
     from swarmoe.swarm import RunStopped
+    from swarmoe.tasks.report import grade_report, load_facts, parse_findings
 
     def say(line: str) -> None:
         if not quiet:
@@ -65,6 +82,15 @@ def analyze(
     if out is not None and out.suffix.lower() not in (".md", ".markdown", ".html", ".htm"):
         typer.echo(f"error: --out must end in .md or .html, got {out.name}", err=True)
         raise typer.Exit(2)
+    facts = None
+    if grade:
+        try:
+            if len(files) != 1:
+                raise ValueError(f"--grade grades one document, got {len(files)}")
+            facts = load_facts(files[0])
+        except (FileNotFoundError, ValueError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
     options: dict[str, Any] = {"runs_dir": runs_dir, "deadline": deadline}
     chosen: Any = model or os.environ.get("SWARMOE_MODEL") or "kimi-k2.5"
     options["base_url"] = base_url or os.environ.get("SWARMOE_BASE_URL")
@@ -91,6 +117,18 @@ def analyze(
         raise typer.Exit(2) from None
     except RunStopped as e:
         typer.echo(f"stopped: {e.reason} (run {e.result.run_id})", err=True)
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "run_id": e.result.run_id,
+                        "question": question,
+                        "answer": None,
+                        "stopped": e.reason,
+                        "stats": asdict(e.result.stats),
+                    }
+                )
+            )
         raise typer.Exit(1) from None
     stats = analysis.result.stats
     covered = len(analysis.coverage.covered())
@@ -102,8 +140,36 @@ def analyze(
         say(
             f"warning: {len(analysis.uncited)} report line(s) state figures without a page citation"
         )
-    if out is None:
+    findings = parse_findings(analysis.report)
+    graded = None
+    if facts is not None:
+        graded = grade_report(facts, findings, doc=tools.list_documents()[0]["doc"])
+        g = graded.to_dict()
+        say(
+            f"grade: {g['cited']}/{g['facts_total']} planted facts cited on their page, "
+            f"{g['found']} stated; citations right in {g['precise']}/{g['checkable']} findings; "
+            f"score {g['score']:.3f}"
+        )
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "run_id": analysis.result.run_id,
+                    "question": question,
+                    "answer": analysis.report,
+                    "stopped": None,
+                    "documents": tools.list_documents(),
+                    "pages_read": covered,
+                    "findings": [f.to_dict() for f in findings],
+                    "uncited_lines": analysis.uncited,
+                    "stats": asdict(stats),
+                    "grade": graded.to_dict() if graded else None,
+                }
+            )
+        )
+    elif out is None:
         typer.echo(analysis.report)
+    if out is None:
         return
     text = (
         to_html(analysis.report, question)
