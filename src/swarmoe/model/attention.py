@@ -10,6 +10,7 @@ over the latent directly; `absorbed_weights` gives it the two halves of `kv_b_pr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +102,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
 
+# Query rows per block when the observed logits are computed, so that a long sequence never
+# holds all [B, H, T, T] logits at once.
+_LOGIT_BLOCK_ROWS = 256
+
+
 class MLAttention(nn.Module):
+    # Training only (QK-clip): when set, forward passes it each head's largest pre-softmax logit
+    # [H] (float32, no grad). The engine's paths (queries / latents / attend) never call it.
+    logit_observer: Callable[[torch.Tensor], None] | None = None
+
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -166,7 +176,44 @@ class MLAttention(nn.Module):
     ) -> torch.Tensor:
         q_nope, q_rope = self.queries(x, cos, sin)
         latent, k_rope = self.latents(x, cos, sin)
+        if self.logit_observer is not None:
+            self.logit_observer(self.max_logits(q_nope, q_rope, latent, k_rope, mask))
         return self.attend(q_nope, q_rope, latent, k_rope, mask, causal=True)
+
+    @torch.no_grad()
+    def max_logits(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Per head, the largest scale * q·k over the batch and the positions `attend` lets a
+        query see (causal, or `mask`: additive or boolean, as SDPA reads it): [H], in float32
+        even under autocast."""
+        c = self.cfg
+        b, s, _ = latent.shape
+        h = c.num_attention_heads
+        k_nope = self.kv_b_proj(latent).view(b, s, h, -1)[..., : c.qk_nope_head_dim]
+        keys = torch.cat([k_nope.transpose(1, 2), k_rope[:, None].expand(-1, h, -1, -1)], dim=-1)
+        keys = keys.float().transpose(-1, -2)
+        queries = torch.cat([q_nope, q_rope], dim=-1).float()
+        t = queries.shape[2]
+        causal = torch.ones(t, s, dtype=torch.bool, device=latent.device).tril(s - t)
+        best = queries.new_full((h,), float("-inf"))
+        with torch.autocast(latent.device.type, enabled=False):  # float32 logits under autocast too
+            for i in range(0, t, _LOGIT_BLOCK_ROWS):
+                rows = slice(i, i + _LOGIT_BLOCK_ROWS)
+                logits = (queries[:, :, rows] @ keys) * self.scale
+                if mask is None:
+                    logits = logits.masked_fill(~causal[rows], float("-inf"))
+                elif mask.dtype == torch.bool:
+                    logits = logits.masked_fill(~mask[..., rows, :], float("-inf"))
+                else:
+                    logits = logits + mask[..., rows, :]
+                best = torch.maximum(best, logits.amax(dim=(0, 2, 3)))
+        return best
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_uk [H,nope,kv_lora] (absorbed into queries) and
