@@ -39,7 +39,11 @@ TOOLS = [
 
 def _call(call_id: str, city: str) -> dict[str, Any]:
     args = json.dumps({"city": city})
-    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": args}}
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": args},
+    }
 
 
 #: Two episodes: a tool trajectory ending in a plain answer, then a second plain answer.
@@ -224,7 +228,9 @@ def test_long_chats_are_cut_at_the_end(tok: Tokenizer) -> None:
 # ----- files and errors --------------------------------------------------------------------
 
 
-def test_load_examples_reads_both_kinds_and_skips_blank_lines(tok: Tokenizer, tmp_path: Path) -> None:
+def test_load_examples_reads_both_kinds_and_skips_blank_lines(
+    tok: Tokenizer, tmp_path: Path
+) -> None:
     chat = {"messages": TRAJECTORY, "tools": TOOLS}
     path = _write(tmp_path / "d.jsonl", [json.dumps({"text": "hello world"}), "", json.dumps(chat)])
     assert len(read_records(path)) == 2
@@ -276,7 +282,9 @@ def test_empty_and_missing_files_are_errors(tmp_path: Path) -> None:
         read_records(tmp_path / "missing.jsonl")
 
 
-def test_a_template_that_cannot_locate_a_turn_names_the_line(tok: Tokenizer, tmp_path: Path) -> None:
+def test_a_template_that_cannot_locate_a_turn_names_the_line(
+    tok: Tokenizer, tmp_path: Path
+) -> None:
     # The header counts messages, so no rendering extends the generation prompt before it.
     template = ChatTemplate(
         "{{ messages | length }}{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}"
@@ -294,7 +302,9 @@ def _examples(n: int) -> list[Example]:
     out = []
     for i in range(n):
         ids = [100 + i * 10 + t for t in range(2 + i % 5)]
-        out.append(Example(ids, [False, *[t % 2 == 1 or t == len(ids) - 1 for t in range(1, len(ids))]]))
+        out.append(
+            Example(ids, [False, *[t % 2 == 1 or t == len(ids) - 1 for t in range(1, len(ids))]])
+        )
     return out
 
 
@@ -314,7 +324,10 @@ def test_batches_shift_labels_and_pad_to_the_longest_row() -> None:
             assert n == len(ex.ids) - 1
             assert batch.input_ids[row, :n].tolist() == ex.ids[:-1]
             assert (batch.input_ids[row, n:] == 7).all()
-            want = [t if on else IGNORE_INDEX for t, on in zip(ex.ids[1:], ex.loss_mask[1:], strict=True)]
+            want = [
+                t if on else IGNORE_INDEX
+                for t, on in zip(ex.ids[1:], ex.loss_mask[1:], strict=True)
+            ]
             assert batch.labels[row, :n].tolist() == want
             assert (batch.labels[row, n:] == IGNORE_INDEX).all()
 
