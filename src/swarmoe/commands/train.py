@@ -66,7 +66,7 @@ def train(
     try:
         with _Progress(steps) as progress:  # type: ignore[arg-type]
             trainer = Trainer(opts, on_step=progress.update)
-            progress.start(trainer.step, len(trainer.examples))
+            progress.start(trainer.step, len(trainer.examples), trainer.batches.dropped)
             result = trainer.run()
     except (TrainError, ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -126,9 +126,11 @@ class _Progress:
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)
 
-    def start(self, step: int, examples: int) -> None:
+    def start(self, step: int, examples: int, dropped: int) -> None:
         self.progress.update(self.task, completed=step)
-        self.console.print(f"{examples} training sequences; starting at step {step}")
+        skipped = (f" ({dropped} skipped: no target token within --seq-len)" if dropped else "")
+        self.console.print(f"{examples - dropped} training sequences{skipped}; "
+                           f"starting at step {step}")
 
     def update(self, record) -> None:  # noqa: ANN001 - a StepRecord
         balance = record.balance.get("max_over_mean")

@@ -2,62 +2,27 @@
 
 `write_tiny_tokenizer` writes `tiktoken.model` (a byte-level BPE learned from a small built-in
 corpus), `tokenizer_config.json` (the K2 special tokens at the release's offsets after the base
-vocabulary) and `chat_template.jinja`. Everything is deterministic, so two runs give identical
+vocabulary) and `chat_template.jinja`, through `swarmoe.text.release_files`. Everything is deterministic, so two runs give identical
 files and a test checkpoint's vocabulary size is stable.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
 import regex
 
-from swarmoe.text.chat import KIMI_K25_TEMPLATE
-from swarmoe.text.tokenizer import K2_PAT_STR, NUM_RESERVED_SPECIAL_TOKENS
-
-#: K2/K2.5 named specials as (offset after the base vocabulary, content, special flag). The
-#: tool-call and think markers are not "special" in K2.5, so decoding with
-#: `skip_special_tokens` keeps them for the parsers. Other slots are reserved.
-K2_SPECIAL_TOKENS: tuple[tuple[int, str, bool], ...] = (
-    (0, "[BOS]", True),
-    (1, "[EOS]", True),
-    (2, "<|im_end|>", True),
-    (3, "<|im_user|>", True),
-    (4, "<|im_assistant|>", True),
-    (6, "<|start_header_id|>", True),
-    (7, "<|end_header_id|>", True),
-    (9, "[EOT]", True),
-    (10, "<|im_system|>", True),
-    (11, "<|tool_calls_section_begin|>", False),
-    (12, "<|tool_calls_section_end|>", False),
-    (13, "<|tool_call_begin|>", False),
-    (14, "<|tool_call_argument_begin|>", False),
-    (15, "<|tool_call_end|>", False),
-    (17, "<|im_middle|>", True),
-    (18, "<|media_begin|>", True),
-    (19, "<|media_content|>", True),
-    (20, "<|media_end|>", True),
-    (21, "<|media_pad|>", True),
-    (22, "<think>", False),
-    (23, "</think>", False),
-    (254, "[UNK]", True),
-    (255, "[PAD]", True),
+from swarmoe.text.release_files import (
+    K2_SPECIAL_TOKENS,
+    release_tokenizer_config,
+    write_tokenizer_files,
 )
+from swarmoe.text.tokenizer import K2_PAT_STR
 
-_ADDITIONAL_SPECIAL_TOKENS = [
-    "<|im_end|>",
-    "<|im_user|>",
-    "<|im_assistant|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "[EOT]",
-    "<|im_system|>",
-    "<|im_middle|>",
-]
+#: The release-layout config builder under the name tests have always imported.
+tiny_tokenizer_config = release_tokenizer_config
 
 # English prose, Python and JSON, chat-shaped text and Chinese, so that merges cover words,
 # code punctuation and multi-byte Han characters alike.
@@ -152,33 +117,6 @@ def _learned_vocab(num_merges: int) -> tuple[bytes, ...]:
     return tuple(vocab)
 
 
-def tiny_tokenizer_config(num_base_tokens: int) -> dict[str, object]:
-    """`tokenizer_config.json` content shaped like the K2.5 release, specials after the base."""
-    decoder = {
-        str(num_base_tokens + offset): {
-            "content": content,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": special,
-        }
-        for offset, content, special in K2_SPECIAL_TOKENS
-    }
-    return {
-        "added_tokens_decoder": decoder,
-        "additional_special_tokens": list(_ADDITIONAL_SPECIAL_TOKENS),
-        "bos_token": "[BOS]",
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "[EOS]",
-        "extra_special_tokens": {},
-        "model_max_length": 1048576,
-        "pad_token": "[PAD]",
-        "tokenizer_class": "TikTokenTokenizer",
-        "unk_token": "[UNK]",
-    }
-
-
 def write_tiny_tokenizer(directory: str | Path, num_merges: int = DEFAULT_NUM_MERGES) -> int:
     """Write the tokenizer files of a tiny K2.5-layout checkpoint; return the total vocab size.
 
@@ -187,19 +125,7 @@ def write_tiny_tokenizer(directory: str | Path, num_merges: int = DEFAULT_NUM_ME
     """
     if num_merges < 0:
         raise ValueError(f"num_merges must be >= 0, got {num_merges}")
-    root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    vocab = _learned_vocab(num_merges)
-    lines = [
-        f"{base64.b64encode(token).decode('ascii')} {rank}" for rank, token in enumerate(vocab)
-    ]
-    (root / "tiktoken.model").write_text("\n".join(lines) + "\n", encoding="ascii")
-    config = tiny_tokenizer_config(len(vocab))
-    (root / "tokenizer_config.json").write_text(
-        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    (root / "chat_template.jinja").write_text(KIMI_K25_TEMPLATE.strip() + "\n", encoding="utf-8")
-    return len(vocab) + NUM_RESERVED_SPECIAL_TOKENS
+    return write_tokenizer_files(directory, _learned_vocab(num_merges))
 
 
 __all__ = [
