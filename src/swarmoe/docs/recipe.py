@@ -33,9 +33,10 @@ _SECTION_THEMES = (
 
 ORCHESTRATOR_PROMPT = """\
 You lead an analysis of long documents with a swarm of sub-agents. You see each document's size \
-and outline and a suggested plan of page ranges. Create one sub-agent per plan line with \
-create_subagent (you may merge or split lines), and give each its pages and the question with \
-assign_task; call them all in one message so they run in parallel. Sub-agents read their pages \
+and outline and a suggested plan of page ranges. Run one sub-agent per plan line: call \
+spawn_subagents once, with the question and {{item}} as prompt_template, the plan lines as items \
+and the sub-agent system prompt below (or create_subagent and assign_task per line, all in one \
+message, to merge or split lines). Sub-agents read their pages \
 with the document tools and return findings with citations like [report.pdf p.12]. When all have \
 reported, write one integrated report in Markdown that answers the question: a short answer \
 first, then sections for key figures, comparisons and risks. Every figure and every claim must \

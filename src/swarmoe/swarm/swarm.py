@@ -1,11 +1,14 @@
 """`Swarm`: one orchestrator that creates sub-agents on the fly and runs them in parallel.
 
-The orchestrator's model gets the user's tools plus two swarm tools, `create_subagent(name,
-system_prompt)` and `assign_task(agent, prompt)`. Each assignment runs a fresh sub-agent
-context (its system prompt, the prompt as the user message, the user's tools) with its own tool
-loop; its final message is the `assign_task` result. Every tool call of one assistant message
-runs concurrently, so 100 `assign_task` calls in one message are 100 agents at once; there is
-no barrier beyond "the message's calls are done".
+The orchestrator's model gets the user's tools plus three swarm tools, `create_subagent(name,
+system_prompt)`, `assign_task(agent, prompt)` and `spawn_subagents(prompt_template, items)`.
+Each assignment runs a fresh sub-agent context (its system prompt, the prompt as the user
+message, the user's tools) with its own tool loop; its final message is the `assign_task`
+result. Every tool call of one assistant message runs concurrently, so 100 `assign_task` calls
+in one message are 100 agents at once; there is no barrier beyond "the message's calls are
+done". `spawn_subagents` is the same fan-out in one short call: one sub-agent per item, the
+item filled into the template, so the orchestrator does not decode 100 prompts before the last
+sub-agent starts.
 
 Bad model output (unknown tool or sub-agent, invalid JSON arguments) and failing tools become
 error results the model can recover from; only budgets, the deadline, the orchestrator's step
@@ -47,10 +50,18 @@ ORCHESTRATOR = "main"
 
 ORCHESTRATOR_PROMPT = """\
 You are the orchestrator of an agent swarm. Split the task into independent pieces of work and \
-delegate them: create sub-agents with create_subagent(name, system_prompt), then give each one \
-work with assign_task(agent, prompt). Sub-agents have their own context and the user's tools; \
-they return only their final answer. Tool calls in one message run in parallel, so create and \
-assign many at once when the work allows it. Integrate the results into one final answer."""
+delegate them. For the same work on many items, call spawn_subagents(prompt_template, items) \
+once: each item fills {{item}}. For different work, create_subagent(name, system_prompt) then \
+assign_task(agent, prompt). Sub-agents have their own context and the user's tools; they return \
+only their final answer. Tool calls in one message run in parallel. Small tasks: do them \
+yourself with the tools. Integrate the results into one final answer."""
+
+SUBAGENT_PROMPT = """\
+You are a sub-agent of a swarm. Do your task with the tools, then answer with only what the task \
+asks for."""
+
+MAX_SPAWN_ITEMS = 128
+ITEM_SLOT = "{{item}}"
 
 SWARM_TOOLS = [
     {"type": "function", "function": {
@@ -67,6 +78,17 @@ SWARM_TOOLS = [
             "agent": {"type": "string", "description": "Name of a created sub-agent."},
             "prompt": {"type": "string", "description": "The task, self-contained."},
         }, "required": ["agent", "prompt"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "spawn_subagents",
+        "description": "Run one sub-agent per item, all in parallel; results come back in item "
+                       "order, each under a '### ITEM' heading.",
+        "parameters": {"type": "object", "properties": {
+            "prompt_template": {"type": "string",
+                                "description": "The task for each sub-agent, with {{item}}."},
+            "items": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                      "maxItems": MAX_SPAWN_ITEMS},
+            "system_prompt": {"type": "string", "description": "Optional role and rules."},
+        }, "required": ["prompt_template", "items"], "additionalProperties": False}}},
 ]
 SWARM_TOOL_NAMES = {t["function"]["name"] for t in SWARM_TOOLS}
 
@@ -517,8 +539,11 @@ class _Run:
 
     async def _swarm_tool(self, agent: Agent, key: str, name: str,
                           args: dict[str, Any]) -> ToolOutcome:
-        """create_subagent and assign_task. Their results are not journaled: a creation is
-        redone on replay (it is deterministic), an assignment's result is its sub-agent's."""
+        """create_subagent, assign_task and spawn_subagents. Their results are not journaled: a
+        creation is redone on replay (it is deterministic), an assignment's result is its
+        sub-agent's."""
+        if name == "spawn_subagents":
+            return await self._spawn(key, args)
         if name == "create_subagent":
             sub, system_prompt = _str_args(name, args, "name", "system_prompt")
             if sub in self.subagents:
@@ -533,16 +558,41 @@ class _Run:
             known = ", ".join(list(self.subagents)[:20]) or "none yet"
             raise ToolError(f"unknown sub-agent {sub!r}; create it first with create_subagent "
                             f"(existing: {known})")
-        system_prompt = self.subagents[sub]
+        return await self._delegate(key, sub, self.subagents[sub], prompt)
+
+    async def _delegate(self, key: str, sub: str, system_prompt: str,
+                        prompt: str) -> ToolOutcome:
+        """Run sub-agent `sub` on `prompt` as agent `key`: a fresh context, journaled as the
+        sub-agent's own events; its final answer (or what went wrong) is the result."""
         if self.check_answer is not None:
             system_prompt += "\n\n" + self.check_answer.instructions
         worker = Agent(key, sub, system_prompt, self.tool_schemas,
                        self.swarm.subagent_max_steps, self.check_answer)
-        outcome = await self.run_agent(worker, prompt)  # journaled as the sub-agent's events
+        outcome = await self.run_agent(worker, prompt)
         if outcome.error:
             return ToolOutcome(f"Error: sub-agent {sub!r} {outcome.error}", True,
                                outcome.critical_steps)
         return ToolOutcome(outcome.answer or "", False, outcome.critical_steps)
+
+    async def _spawn(self, key: str, args: dict[str, Any]) -> ToolOutcome:
+        """One sub-agent per item, all at once; the results in item order, each under its
+        item's heading. One failing sub-agent is an error line in its own block only."""
+        template, items, system_prompt = _spawn_args(args)
+        free = self.swarm.max_subagents - len(self.subagents)
+        if len(items) > free:
+            raise ToolError(f"{len(items)} items need {len(items)} sub-agents but only {free} of "
+                            f"max_subagents={self.swarm.max_subagents} are left; pass fewer items")
+        names = []
+        for _ in items:
+            names.append(f"{key}.{len(self.subagents) + 1}")
+            self.subagents[names[-1]] = system_prompt
+        outcomes = await asyncio.gather(*(
+            self._delegate(f"{key}.{j}", sub, system_prompt, template.replace(ITEM_SLOT, item))
+            for j, (sub, item) in enumerate(zip(names, items, strict=True))))
+        blocks = [f"### {item}\n{o.content.strip()}" for item, o in
+                  zip(items, outcomes, strict=True)]
+        return ToolOutcome("\n\n".join(blocks), all(o.is_error for o in outcomes),
+                           max(o.critical_steps for o in outcomes))
 
 
 def _parse_arguments(call: ToolCall) -> dict[str, Any]:
@@ -568,6 +618,28 @@ def _str_args(tool: str, args: dict[str, Any], *names: str) -> list[str]:
             raise ToolError(f"{tool} needs {n!r} as a non-empty string")
         values.append(v)
     return values
+
+
+def _spawn_args(args: dict[str, Any]) -> tuple[str, list[str], str]:
+    unknown = set(args) - {"prompt_template", "items", "system_prompt"}
+    if unknown:
+        raise ToolError(f"spawn_subagents got unknown arguments {sorted(unknown)}; it takes "
+                        f"prompt_template, items and system_prompt")
+    template = args.get("prompt_template")
+    if not isinstance(template, str) or ITEM_SLOT not in template:
+        raise ToolError(f"spawn_subagents needs 'prompt_template' as a string containing "
+                        f"{ITEM_SLOT}")
+    items = args.get("items")
+    if (not isinstance(items, list) or not items
+            or not all(isinstance(i, str) and i.strip() for i in items)):
+        raise ToolError("spawn_subagents needs 'items' as a non-empty list of non-empty strings")
+    if len(items) > MAX_SPAWN_ITEMS:
+        raise ToolError(f"spawn_subagents takes at most {MAX_SPAWN_ITEMS} items, got "
+                        f"{len(items)}; call it again for the rest")
+    system_prompt = args.get("system_prompt") or SUBAGENT_PROMPT
+    if not isinstance(system_prompt, str):
+        raise ToolError("spawn_subagents needs 'system_prompt' as a string")
+    return template, items, system_prompt
 
 
 class _AnswerChecker:
