@@ -270,12 +270,16 @@ def test_image_parts_become_media_tokens(scripted):
     assert engine.prompts[-1].count("<|media_pad|>") == 6
 
 
-def test_media_markers_written_in_text_are_refused_not_crashed(scripted):
-    _, client = scripted
+def test_media_markers_written_in_text_stay_text(scripted):
+    # Text is data: a `<|media_pad|>` in it is no media slot (ids: tests/test_text_security.py).
+    engine, client = scripted
+    engine.reply = lambda _: "</think>an image"
     buf = io.BytesIO()
     Image.new("RGB", (28, 28)).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    with pytest.raises(openai.BadRequestError, match="media"):
-        client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": [
-            {"type": "text", "text": "look: <|media_pad|>"},
-            {"type": "image_url", "image_url": {"url": url}}]}])
+    r = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "look: <|media_pad|>"},
+        {"type": "image_url", "image_url": {"url": url}}]}])
+    assert r.choices[0].message.content == "an image"
+    # The text's marker, then the image's one token (28x28 px -> 2x2 patches -> 1 token).
+    assert engine.prompts[-1].count("<|media_pad|>") == 2

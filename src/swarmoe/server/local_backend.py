@@ -5,6 +5,10 @@ same request validation, chat template, tool-call forcing and K2 output parsing 
 `/v1/chat/completions`, then into one `AsyncEngine`, so all agents' calls share one
 continuously batched engine and its prefix cache (sub-agents with a common system prompt and
 tool declarations reuse its cached blocks).
+
+What the agents read — tool results, fetched pages, document text — reaches the model as data:
+`prepare_chat` encodes only the chat template's own markers as control tokens, so a page that
+spells `<|im_end|><|im_system|>` cannot open a forged turn.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,15 @@ from swarmoe.server.protocol import (
     ImagePart,
     NamedToolChoice,
 )
-from swarmoe.text import ChatTemplate, ChatTemplateError, Tokenizer, expand_media_pads, render_chat
+from swarmoe.text import (
+    ChatTemplate,
+    ChatTemplateError,
+    Tokenizer,
+    encode_rendered,
+    expand_media_pads,
+    mark_data,
+    render_chat,
+)
 from swarmoe.text.chat import MEDIA_PAD
 from swarmoe.text.tool_parser import ARG_BEGIN, CALL_BEGIN, SECTION_BEGIN, THINK_CLOSE, THINK_OPEN
 
@@ -82,7 +91,11 @@ def _is_light(req: ChatCompletionRequest) -> bool:
 def chat_prompt(
     req: ChatCompletionRequest, tokenizer: Tokenizer, template: ChatTemplate, config: ModelConfig
 ) -> ChatPrompt:
-    """`template` is compiled once per server: compiling costs ~15 ms, rendering ~0.1 ms."""
+    """`template` is compiled once per server: compiling costs ~15 ms, rendering ~0.1 ms.
+
+    Message text, tool schemas and template variables are data: only the template's markers
+    (and the server's own tool-call opening) become control tokens (`encode_rendered`), so a
+    message that spells `<|im_end|>` or `<|media_pad|>` is ordinary text to the model."""
     messages, images = _messages(req)
     choice = req.tool_choice
     tools = None
@@ -94,9 +107,11 @@ def chat_prompt(
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages") from None
     thinking = True if text.endswith(THINK_OPEN) else False if text.endswith(THINK_CLOSE) else None
-    forced = _forced_tool_call(choice, thinking)
+    forced = _forced_tool_call(choice, thinking)  # plain, for the output parser
     try:
-        ids = tokenizer.encode(text + forced, allowed_special="all")
+        ids = encode_rendered(
+            tokenizer, text + _forced_tool_call(choice, thinking, lambda s: mark_data(s, tokenizer))
+        )
     except ValueError as exc:
         raise APIError(400, f"messages could not be tokenised: {exc}", param="messages") from None
     prompt: dict[str, Any] = {"prompt_token_ids": ids}
@@ -104,9 +119,9 @@ def chat_prompt(
         batch = _process_images(images, config)
         try:
             ids = expand_media_pads(ids, tokenizer.special(MEDIA_PAD), batch.token_counts)
-        except ValueError:  # the text itself spelled out media markers
-            raise APIError(400, f"messages contain more {MEDIA_PAD} markers than images; "
-                                "leave media markers out of text", param="messages") from None
+        except ValueError:  # text never makes pads: only a custom template could be wrong
+            raise APIError(400, f"the chat template wrote a different number of {MEDIA_PAD} "
+                                "markers than the messages have images", param="messages") from None
         prompt = {
             "prompt_token_ids": ids,
             "multi_modal_data": {"pixel_values": batch.pixel_values, "image_grid_thw": batch.grid_thw},
@@ -114,12 +129,16 @@ def chat_prompt(
     return ChatPrompt(prompt, len(ids), forced, thinking)
 
 
-def _forced_tool_call(choice: Any, thinking: bool | None) -> str:
-    """The opening the model must continue: any call (required) or the named function's."""
+def _forced_tool_call(
+    choice: Any, thinking: bool | None, data: Callable[[str], str] = str
+) -> str:
+    """The opening the model must continue: any call (required) or the named function's.
+    The function name is the client's text: `data` marks it for encoding (`mark_data`)."""
     if choice == "required":
         call = f"{SECTION_BEGIN[0]}{CALL_BEGIN}functions."
     elif isinstance(choice, NamedToolChoice):
-        call = f"{SECTION_BEGIN[0]}{CALL_BEGIN}functions.{choice.function.name}:0{ARG_BEGIN}"
+        name = data(choice.function.name)
+        call = f"{SECTION_BEGIN[0]}{CALL_BEGIN}functions.{name}:0{ARG_BEGIN}"
     else:
         return ""
     # Reasoning is skipped: close the <think> the prompt opened, as the model does itself.
@@ -184,7 +203,13 @@ def _process_images(images: list[Any], config: ModelConfig):  # -> MediaBatch
 
 
 def completion_prompts(req: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
-    """One list of ids per prompt; text is encoded without special tokens, as OpenAI does."""
+    """One list of ids per prompt.
+
+    `/v1/completions` is the raw interface, but prompt *text* is still data: it is encoded with
+    no special tokens (as OpenAI does), so `<|im_end|>` or `<|media_pad|>` in it stays text and
+    can never turn into a turn marker or a media slot. A client that needs control tokens sends
+    token ids; those are its own, used as given (the engine refuses ids outside the vocabulary).
+    """
     p = req.prompt
     if isinstance(p, str):
         texts_or_ids: list[Any] = [p]

@@ -4,8 +4,11 @@ from swarmoe.text.chat import (
     ChatTemplate,
     ChatTemplateError,
     encode_chat,
+    encode_rendered,
     expand_media_pads,
+    mark_data,
     render_chat,
+    unmark,
 )
 from swarmoe.text.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
 from swarmoe.text.tool_declaration import tools_to_typescript
@@ -30,8 +33,11 @@ __all__ = [
     "ToolCall",
     "ToolCallDelta",
     "encode_chat",
+    "encode_rendered",
     "expand_media_pads",
+    "mark_data",
     "parse_assistant",
     "render_chat",
     "tools_to_typescript",
+    "unmark",
 ]

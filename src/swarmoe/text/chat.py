@@ -5,6 +5,25 @@ is rendered in a sandboxed jinja2 environment, because templates are code that a
 downloaded weights. When a checkpoint ships none, the built-in template below produces the
 published K2.5 layout. Media parts render as one `<|media_pad|>` per image or video chunk; the
 model's vision tokens are spliced in by `expand_media_pads` once their counts are known.
+
+Data and markers. Only the template's own markers become control tokens. Every string a chat
+brings (message content and parts, names, reasoning, tool-call ids and arguments, tool results,
+tool schemas, template variables) is data: whatever it spells (`<|im_end|>`, `<|media_pad|>`,
+`</think>`), it is encoded as ordinary text. Rendering marks data before the template sees it:
+inside each spelling of a special token it puts `DATA_MARK` (U+E000, private use) after the
+first character, and it puts one at a data string's start or end where that edge could join
+the neighbouring text into a special token (`<|im_` + `end|>` from two content parts). The
+rendered text is therefore safe even if encoded naively: no data spells a special token any
+more. `encode_rendered` finds the special tokens in it (all the template's), deletes the marks
+from the text between them and encodes that text as ordinary text, so a normal chat gets
+exactly the ids it always had, and a data string's own U+E000 / U+E001 survive (escaped with
+`DATA_ESCAPE`). `encode_chat` is render + `encode_rendered` (+ media pads); every path that
+turns a chat into ids (server, in-process swarm backend, training data) goes through them.
+
+What the guard cannot tell apart: a template that assembles a marker around data (say
+`<|im_{{ role }}|>`) is trusted to do so, and a spelling cut in a one-character edge (a data
+string ending in `<` before template text `|im_end|>`) is left to the template, since no
+template writes three quarters of a marker; two data strings never combine into one.
 """
 
 from __future__ import annotations
@@ -12,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -123,6 +143,144 @@ class ChatTemplateError(ValueError):
     """A chat template failed to compile or render, or rejected the conversation."""
 
 
+# ----- data text: never a control token ----------------------------------------------------
+
+#: Put inside data that spells a special token (and at a data edge that could complete one);
+#: `encode_rendered` deletes it. A private-use code point, so no text means it.
+DATA_MARK = "\ue000"
+#: `DATA_ESCAPE + c` in marked text stands for a data string's own U+E000 or U+E001.
+DATA_ESCAPE = "\ue001"
+
+#: The K2/K2.5 special tokens, guarded when a chat is rendered without a tokenizer. Any
+#: `<|...|>` spelling is guarded as well, whatever the tokenizer.
+K2_SPECIAL_NAMES = frozenset(
+    {
+        "[BOS]", "[EOS]", "[EOT]", "[UNK]", "[PAD]", "<think>", "</think>",
+        "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>",
+        "<|start_header_id|>", "<|end_header_id|>",
+        "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>",
+        "<|tool_call_section_begin|>", "<|tool_call_section_end|>",
+        "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>",
+        "<|media_begin|>", "<|media_content|>", "<|media_end|>", "<|media_pad|>",
+    }
+)  # fmt: skip
+
+_ANY_MARKER = r"<\|[^\s<>|]{1,128}\|>"
+#: A data string that ends in the opening of a `<|...|>` marker, or starts with the close of one.
+_MARKER_HEAD = re.compile(r"<\|[^\s<>|]{0,128}\|?\Z")
+_MARKER_TAIL = re.compile(r"\A\|?[^\s<>|]{0,128}\|>")
+_UNMARK = re.compile("\ue001(.)|\ue000", re.S)
+
+
+class _Guard:
+    """Marks data for one set of special-token names (see the module docstring)."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        # A one-character special cannot be cut by a mark; no tokenizer has one.
+        names = frozenset(n for n in names | {VIDEO_MARKER} if len(n) >= 2)
+        # `<|...|>` names (nearly all) are covered by one pattern; the alternation stays short.
+        others = [n for n in names if not re.fullmatch(_ANY_MARKER, n)]
+        ordered = sorted(others, key=len, reverse=True)
+        self._whole = re.compile(
+            "|".join([*(re.escape(n) for n in ordered), _ANY_MARKER]), re.IGNORECASE
+        )
+        self._firsts = tuple({c for n in names for c in (n[0].lower(), n[0].upper())} | {"<"})
+        self._lasts = tuple({c for n in names for c in (n[-1].lower(), n[-1].upper())} | {">"})
+        folded = [n.lower() for n in names]
+        # Edges of two or more characters: a one-character edge joins a marker only if the
+        # neighbour is template text holding all the rest of it.
+        self._heads = frozenset(n[:k] for n in folded for k in range(2, len(n)))
+        self._tails = frozenset(n[k:] for n in folded for k in range(1, len(n) - 1))
+        self._span = max((len(n) for n in folded), default=0)
+
+    def _cut(self, match: re.Match[str]) -> str:
+        return match[0][0] + DATA_MARK + match[0][1:]
+
+    def mark(self, text: str) -> str:
+        if not text:
+            return text
+        if DATA_MARK in text or DATA_ESCAPE in text:
+            text = text.replace(DATA_ESCAPE, DATA_ESCAPE * 2)
+            text = text.replace(DATA_MARK, DATA_ESCAPE + DATA_MARK)
+        if any(c in text for c in self._firsts):
+            # Overlapping spellings survive one pass (`sub` takes them left to right).
+            while self._whole.search(text):
+                text = self._whole.sub(self._cut, text)
+        if self._joins_at_end(text):
+            text += DATA_MARK
+        if self._joins_at_start(text):
+            text = DATA_MARK + text
+        return text
+
+    def _joins_at_end(self, text: str) -> bool:
+        """Whether `text` ends in the opening (two or more characters) of a special token."""
+        end = text[-131:]
+        if not any(c in end for c in self._firsts):  # every opening starts with one of them
+            return False
+        for k in range(2, min(self._span, len(text)) + 1):
+            if text[-k:].lower() in self._heads:
+                return True
+        return _MARKER_HEAD.search(end) is not None
+
+    def _joins_at_start(self, text: str) -> bool:
+        """Whether `text` starts with the close (two or more characters) of a special token."""
+        start = text[:131]
+        if not any(c in start for c in self._lasts):  # every close ends with one of them
+            return False
+        for k in range(2, min(self._span, len(text)) + 1):
+            if text[:k].lower() in self._tails:
+                return True
+        return _MARKER_TAIL.match(start) is not None
+
+    def mark_all(self, value: Any) -> Any:
+        """Strings marked, through dicts (keys too), lists and tuples."""
+        if isinstance(value, str):
+            return self.mark(value)
+        if isinstance(value, dict):
+            return {self.mark_all(k): self.mark_all(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.mark_all(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(self.mark_all(v) for v in value)
+        return value
+
+
+@functools.lru_cache(maxsize=16)
+def _guard(names: frozenset[str]) -> _Guard:
+    return _Guard(names)
+
+
+def _guard_for(tokenizer: Tokenizer | None) -> _Guard:
+    return _guard(tokenizer.special_names if tokenizer is not None else K2_SPECIAL_NAMES)
+
+
+def mark_data(value: Any, tokenizer: Tokenizer | None = None) -> Any:
+    """`value` (a string, or dicts and lists of them) marked as data, for text that is joined
+    to a rendered prompt after rendering (the template marks what it is given itself)."""
+    return _guard_for(tokenizer).mark_all(value)
+
+
+def unmark(text: str) -> str:
+    """A rendered prompt as plain text, marks removed: for display and logs, never to encode
+    (encoding it would let data spell control tokens again)."""
+    if DATA_MARK not in text and DATA_ESCAPE not in text:
+        return text
+    return _UNMARK.sub(lambda m: m[1] or "", text)
+
+
+def encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Ids of rendered chat text: the template's markers become control tokens, everything
+    else (data, with its marks deleted) is ordinary text. The one place a rendered chat is
+    encoded; a chat without marks gets exactly `tokenizer.encode(text, allowed_special="all")`."""
+    ids: list[int] = []
+    for piece, special_id in tokenizer.split_special(text):
+        if special_id is None:
+            ids += tokenizer.encode_ordinary(unmark(piece))
+        else:
+            ids.append(special_id)
+    return ids
+
+
 def _tojson(
     value: Any,
     ensure_ascii: bool = False,
@@ -207,6 +365,10 @@ class ChatTemplate:
     def __init__(self, source: str | None = None) -> None:
         self.source = KIMI_K25_TEMPLATE if source is None else source
         self.is_builtin = source is None
+        if DATA_MARK in self.source or DATA_ESCAPE in self.source:
+            raise ChatTemplateError(
+                "chat template contains U+E000 or U+E001, which mark data in rendered prompts"
+            )
         try:
             self._template = _environment().from_string(self.source)
         except TemplateError as exc:
@@ -235,12 +397,19 @@ class ChatTemplate:
         `chat_template_kwargs`. Tools are declared in TypeScript style (`tools_ts_str`) as the
         release tokenizer does, unless the schema is beyond it or `tools_ts_str` is passed
         (`""` forces the JSON declaration). Video parts may carry `timestamps` (one per chunk).
+
+        Messages, tools and template variables are data: the text comes back with them marked
+        (see the module docstring), to be encoded by `encode_rendered`. `tokenizer` says which
+        special tokens to guard (the K2 set and any `<|...|>` spelling without one).
         """
+        guard = _guard_for(tokenizer)
         plain_messages = [_plain(m) for m in messages]
         for i, msg in enumerate(plain_messages):
             if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
                 raise ChatTemplateError(f"message {i} needs a string 'role'")
-        sorted_tools = _sorted_deep(_plain(list(tools))) if tools else None
+        plain_messages = [guard.mark_all(m) for m in plain_messages]
+        # Sorted before marking, so that marks never change the order of keys.
+        sorted_tools = guard.mark_all(_sorted_deep(_plain(list(tools)))) if tools else None
         context: dict[str, Any] = {
             "messages": plain_messages,
             "tools": sorted_tools,
@@ -257,7 +426,7 @@ class ChatTemplate:
                 pad_token=tokenizer.pad_token or "",
                 unk_token=tokenizer.unk_token or "",
             )
-        context.update(kwargs)
+        context.update({k: guard.mark_all(v) for k, v in kwargs.items()})
         try:
             text = self._template.render(**context)
         except ChatTemplateError:
@@ -297,7 +466,10 @@ def render_chat(
     tokenizer: Tokenizer | None = None,
     **kwargs: Any,
 ) -> str:
-    """Render with `template`, else the tokenizer's own template, else the built-in K2.5 one."""
+    """Render with `template`, else the tokenizer's own template, else the built-in K2.5 one.
+
+    The text has its data marked (see the module docstring); encode it with `encode_rendered`,
+    show it with `unmark`. A chat whose data spells no special token renders unmarked."""
     if not isinstance(template, ChatTemplate):
         source = template if template is not None else getattr(tokenizer, "chat_template", None)
         template = _compiled(source)
@@ -339,7 +511,9 @@ def encode_chat(
     template: ChatTemplate | str | None = None,
     **kwargs: Any,
 ) -> list[int]:
-    """Prompt ids: render, encode with specials, then expand media pads when counts are given."""
+    """Prompt ids of a chat: `render_chat`, then `encode_rendered` (only the template's markers
+    are control tokens), then media pads expanded when counts are given (one per image or video
+    chunk part; text that spells `<|media_pad|>` is no media)."""
     text = render_chat(
         messages,
         tools=tools,
@@ -348,7 +522,7 @@ def encode_chat(
         tokenizer=tokenizer,
         **kwargs,
     )
-    ids = tokenizer.encode(text, allowed_special="all")
+    ids = encode_rendered(tokenizer, text)
     if media_token_counts is not None:
         ids = expand_media_pads(ids, tokenizer.special(MEDIA_PAD), media_token_counts)
     return ids

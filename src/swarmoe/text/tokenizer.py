@@ -13,7 +13,7 @@ import binascii
 import codecs
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -170,6 +170,7 @@ class Tokenizer:
         self._special_re = re.compile(
             "|".join(re.escape(s) for s in sorted(self._special_ids, key=len, reverse=True))
         )
+        self._special_names = frozenset(self._special_ids)
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token, self.unk_token = pad_token, unk_token
         self.bos_token_id = self._optional_id(bos_token, "bos_token")
@@ -229,14 +230,21 @@ class Tokenizer:
         """True for every id in the special range, whatever its `special` flag."""
         return token_id in self._specials
 
+    @property
+    def special_names(self) -> frozenset[str]:
+        """The text of every special slot (the strings that data must never turn into)."""
+        return self._special_names
+
     # ----- encode / decode ------------------------------------------------------------------
 
     def encode(self, text: str, *, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
         """Token ids for `text`.
 
         By default special-token strings are ordinary text (user content must not forge control
-        tokens). `allowed_special="all"`, or a set of names, turns those strings into their ids,
-        as a rendered chat prompt needs.
+        tokens). `allowed_special="all"`, or a set of names, turns those strings into their ids:
+        only for text written wholly by the program itself. A rendered chat mixes template
+        markers with user, tool and document text; encode it with `swarmoe.text.encode_chat` (or
+        `encode_rendered`), which gives ids only to the template's own markers.
         """
         if allowed_special == "all":
             allowed: Set[str] = self._special_ids.keys()
@@ -257,6 +265,26 @@ class Tokenizer:
             pos = match.end()
         ids += self._encode_ordinary(text[pos:])
         return ids
+
+    def split_special(self, text: str) -> Iterator[tuple[str, int | None]]:
+        """`text` as consecutive pieces: `(name, id)` for each special-token string, in
+        leftmost-longest order, and `(ordinary_text, None)` for the (non-empty) text between."""
+        if not self._special_ids:  # an empty alternation would match everywhere
+            if text:
+                yield text, None
+            return
+        pos = 0
+        for match in self._special_re.finditer(text):
+            if match.start() > pos:
+                yield text[pos : match.start()], None
+            yield match.group(), self._special_ids[match.group()]
+            pos = match.end()
+        if pos < len(text):
+            yield text[pos:], None
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Ids of `text` with every special-token string as ordinary text."""
+        return self._encode_ordinary(text)
 
     def _encode_ordinary(self, text: str) -> list[int]:
         if not text:

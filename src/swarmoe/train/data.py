@@ -31,7 +31,13 @@ from typing import Any
 
 import torch
 
-from swarmoe.text.chat import ChatTemplate, ChatTemplateError, render_chat
+from swarmoe.text.chat import (
+    ChatTemplate,
+    ChatTemplateError,
+    encode_rendered,
+    mark_data,
+    render_chat,
+)
 from swarmoe.text.tokenizer import Tokenizer
 from swarmoe.text.tool_parser import THINK_CLOSE, THINK_OPEN
 
@@ -179,13 +185,10 @@ def _check_message(i: int, msg: Any) -> None:
 
 
 def _encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Ids of rendered chat text, exactly as the inference path (`encode_chat`) encodes it.
-
-    Special-token strings become their ids, user text included. Issue 15 changes how
-    `encode_chat` treats user text that spells a special token; that fix must apply here too,
-    or training teaches a tokenisation the server never produces.
-    """
-    return tokenizer.encode(text, allowed_special="all")
+    """Ids of rendered chat text, exactly as the inference path (`encode_chat`) encodes it:
+    the template's markers are control tokens; message and tool text, which `render_chat`
+    marks as data, is ordinary text whatever it spells, in training as at inference."""
+    return encode_rendered(tokenizer, text)
 
 
 def _text_examples(text: str, tokenizer: Tokenizer, seq_len: int) -> list[Example]:
@@ -228,7 +231,7 @@ def _turn_text(
     head = "" if prompt.endswith(THINK_OPEN) else THINK_OPEN
     reasoning = _reasoning(messages[i])
     if reasoning and text.startswith(head + THINK_CLOSE):
-        text = head + reasoning + text[len(head) :]
+        text = head + mark_data(reasoning) + text[len(head) :]
     return text
 
 
@@ -355,9 +358,15 @@ def _collate(rows: Sequence[Example], pad_id: int) -> Batch:
     )
 
 
+#: Batches per length-sorting window of `Batches`: wide enough to find rows of like length,
+#: narrow enough that an epoch still mixes long and short batches throughout.
+BUCKET_BATCHES = 32
+
+
 class Batches:
-    """Deterministic, resumable batching: a seeded permutation per epoch; each row holds one
-    example (truncated to seq_len+1 ids), padded to the longest row of its batch. Batches
+    """Deterministic, resumable batching: a seeded permutation per epoch, bucketed by length;
+    each row holds one example (truncated to seq_len+1 ids), padded to the longest row of its
+    batch. Batches
     stream on across epochs. Examples left without a target token are dropped; `dropped`
     counts them so the caller can report it."""
 
@@ -377,9 +386,22 @@ class Batches:
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
+        """A seeded shuffle in which each batch holds rows of similar length: within windows
+        of BUCKET_BATCHES batches, rows are sorted by length, cut into batches, and the
+        batches shuffled again. Padding is then a few percent instead of most of a batch when
+        lengths vary tenfold (a sub-agent's 800 tokens beside an orchestrator's 6,000)."""
+        rng = random.Random(f"swarmoe.train.data:{self._seed}:{epoch}")
         order = list(range(len(self._examples)))
-        random.Random(f"swarmoe.train.data:{self._seed}:{epoch}").shuffle(order)
-        return order
+        rng.shuffle(order)
+        size = self._batch_size
+        window = size * BUCKET_BATCHES
+        out: list[int] = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda i: len(self._examples[i].ids))
+            batches = [chunk[i:i + size] for i in range(0, len(chunk), size)]
+            rng.shuffle(batches)
+            out += [i for b in batches for i in b]
+        return out
 
     def next(self) -> Batch:
         """The next batch; the last rows of an epoch are followed by the next epoch's first."""
