@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+from swarmoe.commands.model import MODEL_HELP, model_checkpoint
+
 
 def register(app: typer.Typer) -> None:
     app.command("analyze")(analyze)
@@ -24,12 +26,7 @@ def analyze(
         Path | None, typer.Option(help="Write the report here (.md or .html); default: print it.")
     ] = None,
     max_subagents: Annotated[int, typer.Option(help="Sub-agents, one per page range.")] = 100,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="Model name on the endpoint (env SWARMOE_MODEL; default kimi-k2.5), or a local checkpoint directory."
-        ),
-    ] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     base_url: Annotated[
         str | None,
         typer.Option(
@@ -96,11 +93,12 @@ def analyze(
     options["base_url"] = base_url or os.environ.get("SWARMOE_BASE_URL")
     options["api_key"] = api_key
     try:
-        if (Path(chosen) / "config.json").is_file():
+        checkpoint = model_checkpoint(chosen)
+        if checkpoint is not None:
             from swarmoe import LLM  # a checkpoint: the swarm runs on the in-process engine
 
-            say(f"model: local checkpoint {chosen} (its answers are only as good as its weights)")
-            chosen = LLM(chosen)
+            say(f"model: local checkpoint {checkpoint} (its answers are only as good as its weights)")
+            chosen = LLM(checkpoint)
             options.pop("base_url")
             options.pop("api_key")
         say(f"opening {len(files)} document(s)")

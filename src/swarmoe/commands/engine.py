@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from swarmoe.commands.model import CHECKPOINT_HELP, require_checkpoint
 
 bench_app = typer.Typer(help="Measure parts of swarmoe on this machine.", no_args_is_help=True)
 
 
 def generate(
     prompt: Annotated[str, typer.Argument(help="text to continue")],
-    model: Annotated[Path, typer.Option("--model", help="checkpoint directory")],
+    model: Annotated[str, typer.Option("--model", help=CHECKPOINT_HELP)],
     max_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
     temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.0,
     top_p: Annotated[float, typer.Option()] = 1.0,
@@ -26,7 +27,7 @@ def generate(
     """Generate from a prompt, printing text as it is produced."""
     from swarmoe import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, device=device, expert_memory_gb=expert_memory_gb)
+    llm = LLM(require_checkpoint(model), dtype=dtype, device=device, expert_memory_gb=expert_memory_gb)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     request = prompt
     if chat:
@@ -51,7 +52,7 @@ def generate(
 
 @bench_app.command("engine")
 def bench_engine(
-    model: Annotated[Path, typer.Option("--model", help="checkpoint directory")],
+    model: Annotated[str, typer.Option("--model", help=CHECKPOINT_HELP)],
     num_prompts: Annotated[int, typer.Option(help="requests in the batch")] = 16,
     prompt_len: Annotated[int, typer.Option(help="tokens per prompt")] = 128,
     shared_prefix: Annotated[int, typer.Option(help="leading tokens all prompts share")] = 0,
@@ -66,7 +67,8 @@ def bench_engine(
 
     from swarmoe import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, expert_memory_gb=expert_memory_gb, max_num_seqs=max(num_prompts, 1))
+    llm = LLM(require_checkpoint(model), dtype=dtype, expert_memory_gb=expert_memory_gb,
+              max_num_seqs=max(num_prompts, 1))
     vocab = llm.config.text.vocab_size
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (shared_prefix,), generator=g).tolist()

@@ -1,4 +1,9 @@
-"""`swarmoe init-tiny` and `swarmoe inspect`: make a small checkpoint, look at its routing."""
+"""`swarmoe init-tiny` and `swarmoe inspect`: make a small checkpoint, look at its routing.
+
+Also the one place the commands decide what `--model SPEC` means (`model_checkpoint`,
+`require_checkpoint`): a local checkpoint directory, a checkpoint shipped in the package
+(`swarmoe-mini`), or, where a command also talks to endpoints, a model name for the API.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,44 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from swarmoe.checkpoints import (
+    MissingCheckpointError,
+    local_checkpoint,
+    resolve_checkpoint,
+    shipped_names,
+)
+
+#: `--model` help for commands that only run checkpoints.
+CHECKPOINT_HELP = "checkpoint directory, or the name of a shipped one (swarmoe-mini)"
+#: `--model` help for commands that run a checkpoint in-process or a model on an endpoint.
+MODEL_HELP = ("Model name on the endpoint (env SWARMOE_MODEL; default kimi-k2.5), or a local "
+              "checkpoint directory or shipped checkpoint (swarmoe-mini) to run in-process.")
+
+
+def model_checkpoint(spec: str | None) -> Path | None:
+    """The checkpoint directory `--model SPEC` names, or None when SPEC is a model name for an
+    OpenAI-compatible endpoint (or not given). An existing local path and a shipped name are
+    checkpoints; a shipped name with files missing is a usage error that names them."""
+    try:
+        return local_checkpoint(spec)
+    except MissingCheckpointError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
+
+
+def require_checkpoint(spec: str) -> Path:
+    """The checkpoint directory `--model SPEC` names, for commands that only run checkpoints;
+    a usage error that says what is wrong when there is none."""
+    try:
+        path = resolve_checkpoint(spec)
+    except MissingCheckpointError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
+    if not (path / "config.json").is_file():
+        what = "is not a checkpoint directory (no config.json)" if path.exists() else "does not exist"
+        raise typer.BadParameter(
+            f"{spec} {what}; give a checkpoint directory or a shipped name "
+            f"({', '.join(shipped_names())})", param_hint="--model")
+    return path
 
 
 def init_tiny(
@@ -28,7 +71,7 @@ def init_tiny(
 
 
 def inspect(
-    model: Annotated[Path, typer.Option("--model", help="checkpoint directory")],
+    model: Annotated[str, typer.Option("--model", help=CHECKPOINT_HELP)],
     prompt: Annotated[str, typer.Option(help="text to route")] = "The swarm splits the work.",
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
 ) -> None:
@@ -41,10 +84,11 @@ def inspect(
     from swarmoe.model import RoutingStats, load_model
     from swarmoe.text import Tokenizer
 
+    path = require_checkpoint(model)
     console = Console(width=None if sys.stdout.isatty() else 120)
-    cfg = load_config(model)
-    net = load_model(model, dtype=dtype)
-    tokenizer = Tokenizer.from_pretrained(model)
+    cfg = load_config(path)
+    net = load_model(path, dtype=dtype)
+    tokenizer = Tokenizer.from_pretrained(path)
     ids = tokenizer.encode(prompt)
     params = sum(t.numel() for t in net.state_dict().values())
     text = cfg.text

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import gc
 import ipaddress
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from swarmoe.commands.model import CHECKPOINT_HELP, require_checkpoint
+
 
 def serve(
-    model: Annotated[Path, typer.Option("--model", help="checkpoint directory")],
+    model: Annotated[str, typer.Option("--model", help=CHECKPOINT_HELP)],
     host: Annotated[str, typer.Option(help="address to bind; loopback unless you mean otherwise")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     api_key: Annotated[str | None, typer.Option(
@@ -37,13 +38,14 @@ def serve(
     from swarmoe.engine.engine_process import EngineProcess
     from swarmoe.server import create_app
 
+    path = require_checkpoint(model)
     if not api_key and not _is_loopback(host):
         typer.secho(f"warning: serving on {host} without --api-key; anyone who can reach it "
                     "can use the model", fg="yellow", err=True)
     # The model runs in a process of its own, so stepping it and serving HTTP use two cores
     # instead of taking turns on one GIL (engine/engine_process.py).
     try:
-        engine = EngineProcess(model, dtype=dtype, device=device, expert_memory_gb=expert_memory_gb,
+        engine = EngineProcess(path, dtype=dtype, device=device, expert_memory_gb=expert_memory_gb,
                                max_model_len=max_model_len, max_num_seqs=max_num_seqs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from exc
@@ -51,7 +53,7 @@ def serve(
         engine.shutdown()
         raise typer.BadParameter("the checkpoint has no tokenizer (tiktoken.model)",
                                  param_hint="--model")
-    name = served_model_name or model.resolve().name
+    name = served_model_name or path.resolve().name
     try:
         app = create_app(engine, name, api_key=api_key,
                          max_request_bytes=int(max_request_mb * 1024 * 1024),
@@ -61,7 +63,7 @@ def serve(
         # on a full collection (55 ms over ~210,000 objects when the model was in this process).
         gc.collect()
         gc.freeze()
-        typer.echo(f"serving {model} as {name!r} on http://{host}:{port}/v1")
+        typer.echo(f"serving {path} as {name!r} on http://{host}:{port}/v1")
         # Idle connections outlive the clients' own pools (httpx drops them after 5 s), so a
         # client never reuses a connection the server is closing at that moment.
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=65,

@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
+from swarmoe.commands.model import MODEL_HELP, model_checkpoint
+
 
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
@@ -20,9 +22,7 @@ def register(app: typer.Typer) -> None:
 
 def run(
     task: Annotated[str | None, typer.Argument(help="The task; omit with --resume.")] = None,
-    model: Annotated[str | None, typer.Option(
-        help="Model name on the endpoint (env SWARMOE_MODEL; default kimi-k2.5), or a local "
-             "checkpoint directory to run in-process.")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     base_url: Annotated[str | None, typer.Option(
         help="OpenAI-compatible endpoint (env SWARMOE_BASE_URL; default Moonshot API).")] = None,
     api_key: Annotated[str | None, typer.Option(
@@ -59,10 +59,11 @@ def run(
         if value is not None:
             options[key] = value
     try:
-        if isinstance(model, str) and (Path(model) / "config.json").is_file():
+        checkpoint = model_checkpoint(model)
+        if checkpoint is not None:
             from swarmoe import LLM  # a checkpoint: the swarm runs on the in-process engine
 
-            options["model"] = LLM(model)
+            options["model"] = LLM(checkpoint)
         if tool:
             options["tools"] = [import_tool(ref) for ref in tool]
         if file:

@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+from swarmoe.commands.model import MODEL_HELP, model_checkpoint
+
 
 def register(app: typer.Typer) -> None:
     app.command("widesearch")(widesearch)
@@ -22,9 +24,7 @@ def widesearch(
         help="How many rows to ask for, picked with --seed (default all).")] = None,
     attributes: Annotated[str | None, typer.Option(
         help="Comma-separated columns to ask for (default all).")] = None,
-    model: Annotated[str | None, typer.Option(
-        help="Model name on the endpoint (env SWARMOE_MODEL; default kimi-k2.5), or a local "
-             "checkpoint directory to run in-process.")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     base_url: Annotated[str | None, typer.Option(
         help="OpenAI-compatible endpoint (env SWARMOE_BASE_URL; default Moonshot API).")] = None,
     api_key: Annotated[str | None, typer.Option(
@@ -55,10 +55,11 @@ def widesearch(
         columns = None if attributes is None else [a.strip() for a in attributes.split(",")
                                                    if a.strip()]
         task = make_task(read_table(table), entities=entities, attributes=columns, seed=seed)
-        if model and (Path(model) / "config.json").is_file():
+        checkpoint = model_checkpoint(model)
+        if checkpoint is not None:
             from swarmoe import LLM  # a checkpoint: the agents run on the in-process engine
 
-            options["model"] = LLM(model)
+            options["model"] = LLM(checkpoint)
         result = asyncio.run(run_task(task, options, single_agent=single_agent))
     except (TableError, ValueError, TypeError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from swarmoe.checkpoints import resolve_checkpoint
 from swarmoe.config import load_config
 from swarmoe.engine.experts import ExpertCache, load_model_with_expert_budget
 from swarmoe.engine.kv_cache import BlockManager, LatentCache, cache_dtype
@@ -72,7 +73,7 @@ class LLM:
         kv_cache_dtype: str | torch.dtype | None = None,
     ) -> None:
         store_dtype = cache_dtype(kv_cache_dtype)  # checked before the weights load
-        self.path = Path(model)
+        self.path = resolve_checkpoint(model)  # a directory, or a shipped name: "swarmoe-mini"
         self.config = load_config(self.path)
         text = self.config.text
         self.expert_cache: ExpertCache | None = None

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from swarmoe.checkpoints import resolve_checkpoint
 from swarmoe.config import ModelConfig, load_config
 from swarmoe.model.kimi import build_model
 from swarmoe.model.moe import DenseExperts, MoE
@@ -116,7 +117,9 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """Build the network a checkpoint describes and fill it; returns it in eval mode."""
+    """Build the network a checkpoint describes and fill it; returns it in eval mode. `path` is
+    a checkpoint directory or the name of a shipped one (`swarmoe-mini`)."""
+    path = resolve_checkpoint(path)
     dtype = as_dtype(dtype)
     cfg = load_config(path)
     ckpt = Checkpoint(path)
