@@ -286,7 +286,7 @@ def test_clip_bounds_the_logits_through_the_clipped_heads_rows_only(q_lora_rank)
     tau = 0.5 * float(maxima[:, boosted].min())
     assert float(maxima[:, [1, 3]].max()) < tau  # the setup: only boosted heads exceed tau
 
-    clip = QKClip(model, tau=tau)
+    clip = QKClip(model, tau=tau, guard=False)  # K2's rule alone: after the step
     _attention_inputs(model, ids)
     weights = {n: p.clone() for n, p in model.named_parameters()}
     clip.after_step()
@@ -333,7 +333,7 @@ def test_observer_is_opt_in_and_counts_training_passes_only():
     model = _model()
     layers = [m for m in model.modules() if isinstance(m, MLAttention)]
     assert all(attn.logit_observer is None for attn in layers)
-    clip = QKClip(model)
+    clip = QKClip(model, guard=False)
     model.eval()
     _attention_inputs(model, _batch())
     with pytest.raises(RuntimeError, match="no training forward pass"):
@@ -352,6 +352,81 @@ def test_observer_is_opt_in_and_counts_training_passes_only():
     assert first == max(second, clip.max_logit)
     clip.remove()
     assert all(attn.logit_observer is None for attn in layers)
+    assert all(not attn._forward_pre_hooks for attn in layers)
+
+
+def _boosted_model(boosted=(0, 2), factor=30.0, **overrides) -> nn.Module:
+    model = _model(**overrides)
+    c = model.cfg
+    with torch.no_grad():
+        for attn in model.modules():
+            if isinstance(attn, MLAttention):
+                _query_weight(attn).view(c.num_attention_heads, c.qk_head_dim, -1)[list(boosted)] *= factor
+    return model
+
+
+@pytest.mark.parametrize("q_lora_rank", [48, None])
+def test_guard_bounds_the_logits_of_the_forward_pass_itself(q_lora_rank):
+    """The guard clips before a layer's forward, by the logits of its actual input, so the pass
+    that follows (and its observer) sees logits <= tau; heads under tau stay untouched."""
+    model = _boosted_model(q_lora_rank=q_lora_rank)
+    ids = _batch()
+    before = torch.stack([_brute_logits(*a).amax(dim=(0, 2, 3)) for a in _attention_inputs(model, ids)])
+    tau = 0.5 * float(before[:, [0, 2]].min())
+    assert float(before[:, [1, 3]].max()) < tau
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+
+    clip = QKClip(model, tau=tau)
+    observed: list[torch.Tensor] = []
+    for attn in (m for m in model.modules() if isinstance(m, MLAttention)):
+        attn.logit_observer = (lambda f: lambda m: (observed.append(m), f(m)))(attn.logit_observer)
+    inputs = _attention_inputs(model, ids)  # registered after the guard: sees the same inputs
+    for (attn, *args), got in zip(inputs, observed, strict=True):
+        brute = _brute_logits(attn, *args).amax(dim=(0, 2, 3))  # the clipped weights, this input
+        torch.testing.assert_close(got.double(), brute, rtol=1e-5, atol=1e-6)
+        assert float(got.max()) <= tau * (1 + 1e-5)
+        assert float(got[[0, 2]].min()) >= tau * (1 - 1e-5)  # clipped to tau, not below
+    # Layer 0 has the same input as before, so its heads under tau keep their logits exactly.
+    torch.testing.assert_close(observed[0][[1, 3]].double(), before[0, [1, 3]], rtol=1e-6, atol=0)
+    clip.after_step()
+    assert clip.max_logit <= tau * (1 + 1e-5)
+    # What the guard found before clipping: layer 0's input is the unguarded pass's (the later
+    # layers' inputs changed with the clipped layers below them).
+    assert clip.max_logit_unclipped >= float(before[0].max()) * (1 - 1e-5)
+    assert clip.clipped_heads == 2 * len(inputs)  # by the guard; after_step found nothing over
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, weights[n])}
+    assert moved and all(n.endswith(("q_proj.weight", "q_b_proj.weight", "kv_b_proj.weight"))
+                         for n in moved)
+
+    model.eval()  # evaluation passes are not guarded
+    again = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model(ids)
+    assert all(torch.equal(p, again[n]) for n, p in model.named_parameters())
+
+
+def test_guard_keeps_every_training_forward_under_tau_where_the_rule_after_the_step_does_not():
+    """A high learning rate pushes logits past tau: K2's rule alone (the clip after each step)
+    lets the next forward pass exceed tau again; with the guard no forward pass does."""
+    tau = 3.0
+    worst = {}
+    for guard in (False, True, None):
+        torch.manual_seed(0)
+        model = _model()
+        clip = QKClip(model, tau=float("inf") if guard is None else tau, guard=bool(guard))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+        seen = []
+        for step in range(30):
+            loss = _loss(model, _batch(step % 4))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            clip.after_step()
+            seen.append(clip.max_logit)
+        worst[guard] = max(seen)
+    assert worst[None] > 2 * tau  # without any clip the run exceeds tau
+    assert worst[False] > tau * 1.01  # the clip after the step alone leaves forward passes over
+    assert worst[True] <= tau * (1 + 1e-5)
 
 
 def test_lora_wrapped_projection_is_refused():
