@@ -168,7 +168,10 @@ def episodes(runs: int, seed: int) -> Iterator[Episode]:
         if score < 1.0:
             raise RuntimeError(f"the teacher scored {score} on run {i} ({family}, task seed "
                                f"{task_seed}); fix the teacher before training on it")
-        found = [Episode(m, t, family, _role(m, t)) for m, t in recorder.finished]
+        # Sub-agents finish in whatever order their calls complete: sort, so a seed gives
+        # the same episodes every time.
+        found = sorted((Episode(m, t, family, _role(m, t)) for m, t in recorder.finished),
+                       key=lambda e: json.dumps(e.messages[:2]))
         kept = [e for e in found if e.role != "subagent"]
         # Sub-agents that found something first (a report's are mostly empty-handed), then one
         # of the others.
