@@ -2,8 +2,8 @@
 
 Both start from the same release-layout checkpoint (a K2 config scaled down, written as
 `swarmoe train` writes configs: `deepseek_v3`) and take the same batches: swarmoe through its
-`Trainer` (grouped-GEMM experts, AdamW, the bias update, bf16 autocast where this CPU multiplies
-bf16 natively), the peer as its users train it: `from_pretrained` with its default attention and
+`Trainer` (padded batched-GEMM experts, fused AdamW, the bias update, in the Trainer's default
+precision, and also in the other one: float32 <-> bf16 autocast), the peer as its users train it: `from_pretrained` with its default attention and
 experts implementations, `torch.optim.AdamW`, cross entropy on the same labels, in float32 and
 under the same bf16 autocast (the faster of the two is the peer's figure). Steps alternate
 between the two, so load from other jobs falls on both alike; medians after warmup.
@@ -119,23 +119,31 @@ def main() -> None:
                         batch_size=args.batch, seq_len=args.seq, lr=1e-4, warmup_steps=0,
                         save_every=10**6)
     ours = Trainer(opts)
-    autocast = ours.autocast
+    autocast = ours.autocast  # the Trainer's default here: the mode the ratio is taken for
+    # swarmoe is timed in both modes too (same trainer, alternate steps), so the default can be
+    # checked against the other mode on this CPU.
+    own = {"swarmoe": autocast}
+    if native_bf16("cpu"):
+        own["swarmoe (other mode)"] = not autocast
     peers = {}
     for mode in ("float32", "bf16 autocast") if native_bf16("cpu") else ("float32",):
         model = DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).train()
         peers[mode] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1))
-    times: dict[str, list[float]] = {"swarmoe": [], **{m: [] for m in peers}}
+    times: dict[str, list[float]] = {**{m: [] for m in own}, **{m: [] for m in peers}}
     tokens = []
     for i in range(args.warmup + args.steps):
         batch = ours.batches.next()
-        t = time.perf_counter()
-        record = ours.train_step(batch)
-        elapsed = time.perf_counter() - t
-        peer_times = {m: peer_step(model, opt, batch.input_ids, batch.labels, m != "float32")
-                      for m, (model, opt) in peers.items()}
+        step_times = {}
+        for name, mode in own.items():
+            ours.autocast = mode
+            t = time.perf_counter()
+            record = ours.train_step(batch)
+            step_times[name] = time.perf_counter() - t
+        ours.autocast = autocast
+        step_times.update({m: peer_step(model, opt, batch.input_ids, batch.labels, m != "float32")
+                           for m, (model, opt) in peers.items()})
         if i >= args.warmup:
-            times["swarmoe"].append(elapsed)
-            for m, v in peer_times.items():
+            for m, v in step_times.items():
                 times[m].append(v)
             tokens.append(record.tokens)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -146,9 +154,9 @@ def main() -> None:
     model_flops = flops_per_token(cfg, args.seq) * tok
     ours_fps = model_flops / med["swarmoe"]
     ours_peak = peak["bfloat16"] if autocast else peak["float32"]
-    print(f"{'impl':<18}{'step ms':>10}{'tok/s':>10}{'GFLOP/s':>10}")
+    print(f"{'impl':<22}{'step ms':>10}{'tok/s':>10}{'GFLOP/s':>10}")
     for name, value in med.items():
-        print(f"{name:<18}{value * 1e3:>10.1f}{tok / value:>10.0f}{model_flops / value / 1e9:>10.1f}")
+        print(f"{name:<22}{value * 1e3:>10.1f}{tok / value:>10.0f}{model_flops / value / 1e9:>10.1f}")
     ratio = med[best_peer] / med["swarmoe"]
     print(f"swarmoe / best transformers ({best_peer}): {ratio:.2f}x tokens/s; "
           f"{ours_fps / ours_peak:.1%} of the {'bf16' if autocast else 'fp32'} GEMM peak "
@@ -159,6 +167,8 @@ def main() -> None:
         "bench": "train", "date": dt.datetime.now().isoformat(timespec="seconds"),
         "commit": commit, "threads": torch.get_num_threads(), "batch": args.batch,
         "seq": args.seq, "tokens_per_step": tok, "shape": SHAPE, "swarmoe_autocast": autocast,
+        "swarmoe_other_mode_ratio": (med[best_peer] / med["swarmoe (other mode)"]
+                                     if "swarmoe (other mode)" in med else None),
         "step_s": med, "tokens_per_s": {k: tok / v for k, v in med.items()},
         "best_peer": best_peer, "ratio_vs_best_peer": ratio,
         "gemm_peak_flops": peak, "model_flops_per_step": model_flops,

@@ -165,9 +165,16 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope[:, None].expand(-1, c.num_attention_heads, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
+        v_dim = v.shape[-1]
+        if v_dim != q.shape[-1]:
+            # SDPA's fused (flash) kernels want one head dim for q, k and v; MLA's values are
+            # narrower, and a mismatch falls back to the math kernel, which materialises every
+            # [T, T] score (~5x slower forward+backward at 2k tokens). Zero columns pad v to the
+            # query width and are sliced off again: the same output, and no gradient to them.
+            v = F.pad(v, (0, q.shape[-1] - v_dim))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=self.scale
-        )
+        )[..., :v_dim]
         t = q.shape[2]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, c.num_attention_heads * c.v_head_dim))
 

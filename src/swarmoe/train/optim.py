@@ -52,7 +52,7 @@ def build_optimizer(
             {"name": "adamw", "params": decay, "weight_decay": weight_decay},
             {"name": "adamw_no_decay", "params": kinds["no_decay"], "weight_decay": 0.0},
         ])
-        return torch.optim.AdamW(groups, lr=lr, betas=betas) if groups else None
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **_fast_adamw(groups)) if groups else None
 
     if name == "adamw":
         only = adamw(kinds["matrix"] + kinds["experts"] + kinds["decay"])
@@ -70,6 +70,15 @@ def build_optimizer(
     if (rest := adamw(kinds["decay"])) is not None:
         members.append(rest)
     return CombinedOptimizer(members)
+
+
+def _fast_adamw(groups: list[dict[str, Any]]) -> dict[str, bool]:
+    """AdamW's fused kernel (one pass per tensor, CPU and CUDA) where every parameter allows it,
+    else its multi-tensor (foreach) form. torch picks neither by itself for CPU tensors: its
+    per-tensor loop of ~10 elementwise ops per parameter cost ~5% of a CPU training step."""
+    params = [p for g in groups for _, p in g["params"]]
+    fusable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return {"fused": True} if fusable else {"foreach": True}
 
 
 def _classify(model: nn.Module) -> dict[str, NamedParams]:
