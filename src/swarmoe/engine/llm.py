@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections import Counter
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -103,6 +104,9 @@ class LLM:
         self._sequences: dict[str, list[Sequence]] = {}
         self._prompts: dict[str, str | None] = {}
         self._counter = itertools.count()
+        self.batch_sizes: Counter[int] = Counter()
+        """Engine steps by the number of sequences they computed (decodes and prefill chunks
+        together): how wide continuous batching ran. Only counted, never read by the engine."""
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -210,6 +214,7 @@ class LLM:
         work = self.scheduler.schedule()
         if not work:
             return []
+        self.batch_sizes[len(work)] += 1
         logits = self.runner.step(work).float().cpu()  # sampling (seeded generators) runs on the CPU
         moved: dict[str, None] = {}
         for row, w in zip(logits, work, strict=True):
@@ -332,7 +337,9 @@ class LLM:
         return local_backend(self)
 
     def stats(self) -> dict[str, float]:
-        """Cache blocks used / free, prefix hits, preemptions, and expert-cache counters."""
+        """Cache blocks used / free, prefix hits, preemptions, engine steps and their batch
+        widths (`batch_sizes` has the histogram), and expert-cache counters."""
+        steps = sum(self.batch_sizes.values())
         out: dict[str, float] = {
             "blocks_total": len(self.blocks.blocks),
             "blocks_used": self.blocks.num_used,
@@ -342,6 +349,9 @@ class LLM:
             "preemptions": self.scheduler.preemptions,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+            "steps": steps,
+            "mean_batch": sum(n * c for n, c in self.batch_sizes.items()) / steps if steps else 0.0,
+            "max_batch": max(self.batch_sizes, default=0),
         }
         if self.expert_cache is not None:
             out.update(self.expert_cache.stats())
