@@ -324,3 +324,12 @@ def test_the_shipped_swarmoe_mini_loads_and_generates():
     out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     completion = out[0].outputs[0]
     assert len(completion.token_ids) == 4 and isinstance(completion.text, str)
+
+
+def test_config_and_tokenizer_load_by_name(shipped):
+    from swarmoe.config import load_config
+    from swarmoe.text import Tokenizer
+
+    assert load_config(NAME) == load_config(shipped)
+    assert Tokenizer.from_pretrained(NAME).encode("hello") == \
+        Tokenizer.from_pretrained(shipped).encode("hello")

@@ -137,11 +137,14 @@ class ModelConfig:
 
 
 def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:
-    """Read a config from a checkpoint directory, a config.json path, or a parsed dict."""
+    """Read a config from a checkpoint directory (or a shipped checkpoint's name), a
+    config.json path, or a parsed dict."""
     if isinstance(source, dict):
         raw = source
     else:
-        path = Path(source)
+        from swarmoe.checkpoints import resolve_checkpoint
+
+        path = resolve_checkpoint(source)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():

@@ -187,8 +187,11 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
-        """Load `tiktoken.model`, `tokenizer_config.json` and the chat template from a directory."""
-        root = Path(path)
+        """Load `tiktoken.model`, `tokenizer_config.json` and the chat template from a directory
+        (or a shipped checkpoint's name, such as "swarmoe-mini")."""
+        from swarmoe.checkpoints import resolve_checkpoint
+
+        root = resolve_checkpoint(path)
         if not root.is_dir():
             raise TokenizerError(f"checkpoint directory not found: {root}")
         ranks = load_tiktoken_ranks(root / "tiktoken.model")
